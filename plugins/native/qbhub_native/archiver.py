@@ -1,0 +1,102 @@
+"""A backup session: every volume through VolumeBackup, then session record, index, root.
+
+Crash safety: packs and the index object are written before the root, so a crash leaves the old
+root intact and at most unreferenced packs, which the next session adopts (`reuse_orphan_packs`).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import pluggy
+
+from qubes_backup_hub.engine import VolumeSource
+from qubes_backup_hub.errors import UsageError
+from qubes_backup_hub.progress import Progress
+
+from .backup import VolumeBackup
+from .blob import BlobType
+from .repository import Repository
+from .root import SessionRef
+from .session import SessionRecord, VolumeRecord
+from .writer import BlobWriter
+
+
+def new_session_id(repo: Repository) -> str:
+    """UTC time to the second, with a -N suffix if that ID is taken."""
+    base = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    taken = {ref.session_id for ref in repo.body.sessions}
+    candidate, n = base, 1
+    while candidate in taken:
+        candidate, n = f"{base}-{n}", n + 1
+    return candidate
+
+
+def previous_volumes(repo: Repository, names: set[str]) -> dict[str, VolumeRecord]:
+    """For each name, its record in the newest session holding it (reading records newest first)."""
+    found: dict[str, VolumeRecord] = {}
+    for ref in reversed(repo.body.sessions):
+        if len(found) == len(names):
+            break
+        for volume in repo.session_record(ref).volumes:
+            if volume.name in names and volume.name not in found:
+                found[volume.name] = volume
+    return found
+
+
+def run_session(
+    repo: Repository,
+    sources: list[VolumeSource],
+    hook: pluggy.HookRelay,
+    progress: Progress,
+    *,
+    workers: int | None = None,
+    metadata: dict[str, object] | None = None,
+) -> tuple[SessionRecord, BlobWriter]:
+    """Back up `sources` as one session and commit it. The caller holds the store lock."""
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise UsageError("the same volume name is given twice")
+    started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    session_id = new_session_id(repo)
+    previous = previous_volumes(repo, set(names))
+    writer = BlobWriter(repo)
+    referenced = {loc.pack for _, loc in repo.index.items()}
+    writer.reuse_orphan_packs(referenced)
+    workers = workers or os.cpu_count() or 2
+    records: list[VolumeRecord] = []
+    committed = False
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="qbhub-chunk") as pool:
+            volume_backup = VolumeBackup(
+                repo, writer, pool, progress, max_in_flight=2 * workers + 2
+            )
+            for source in sources:
+                stream = hook.qbhub_open_stream(path=source.path)
+                if stream is None:
+                    raise UsageError(f"no installed stream plugin can read {source.path}")
+                with stream:
+                    records.append(volume_backup.run(source, stream, previous.get(source.name)))
+        record = SessionRecord(
+            session_id=session_id,
+            started=started,
+            finished=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            volumes=records,
+            metadata=dict(metadata or {}),
+        )
+        raw = record.encode()
+        record_id = writer.add(BlobType.SESSION, raw)
+        writer.close()
+        index = writer.write_index()
+        repo.body.sessions.append(SessionRef(session_id, record_id, len(raw), record.finished))
+        if index is not None:
+            repo.body.indexes.append(index)
+        repo.commit()
+        committed = True
+        writer.merge_into_repo()
+        return record, writer
+    finally:
+        if not committed:
+            writer.abandon()

@@ -1,0 +1,220 @@
+"""Backing up one volume: read changed data windows in parallel, hash, dedup, seal, build the tree.
+
+Worker threads read a window (pread releases the GIL), test each chunk for zeros, hash it with
+the keyed BLAKE3, and compress+seal the chunks the archive doesn't hold yet (zstd, AES-GCM and
+BLAKE3 all release the GIL). The calling thread consumes results in volume order, hands new blobs
+to the BlobWriter and assembles leaf pages; pages above the leaves are built at the end.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from qubes_backup_hub.engine import VolumeSource
+from qubes_backup_hub.errors import QbhubError
+from qubes_backup_hub.progress import Progress
+from qubes_backup_hub.stream.base import VolumeStream
+
+from .blob import BlobType
+from .repository import Repository
+from .scan import ChunkRanges, data_chunk_ranges, scan_ranges, windows
+from .session import VolumeRecord
+from .tree import ID_BYTES, ZERO_ID, Geometry, build_upper, encode_page, leaf_ids
+from .writer import BlobWriter
+
+# (chunk index, ID, sealed blob or None when already known, raw length)
+ChunkResult = tuple[int, bytes, bytes | None, int]
+
+
+@dataclass
+class WindowResult:
+    first_chunk: int
+    bytes_read: int
+    chunks: list[ChunkResult]
+
+
+class VolumeBackup:
+    """Backs up one volume into an open session (a BlobWriter)."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        writer: BlobWriter,
+        pool: ThreadPoolExecutor,
+        progress: Progress,
+        max_in_flight: int,
+    ) -> None:
+        self.repo = repo
+        self.writer = writer
+        self.pool = pool
+        self.progress = progress
+        self.max_in_flight = max_in_flight
+
+    def run(
+        self, source: VolumeSource, stream: VolumeStream, previous: VolumeRecord | None
+    ) -> VolumeRecord:
+        body = self.repo.body
+        geometry = Geometry(stream.size, body.chunk_size, body.fanout)
+        reusable = (
+            previous is not None
+            and previous.chunk_size == geometry.chunk_size
+            and previous.fanout == geometry.fanout
+            and previous.size == geometry.size
+        )
+        changed_mode = reusable and source.changed_ranges is not None
+        ranges = ChunkRanges(scan_ranges(geometry, source.changed_ranges if changed_mode else None))
+        previous_leaves = (
+            leaf_ids(previous.tree_id, geometry, self.repo.load_page)
+            if changed_mode and previous is not None
+            else None
+        )
+        assembler = LeafAssembler(self.repo, self.writer, geometry, ranges, previous_leaves)
+        stats = VolumeRecord(
+            name=source.name,
+            size=geometry.size,
+            chunk_size=geometry.chunk_size,
+            fanout=geometry.fanout,
+            tree="",
+            provider=source.provider if changed_mode else "full-scan",
+        )
+        self.progress.start(source.name, sum(b - a for a, b in ranges.ranges) * geometry.chunk_size)
+        spans = data_chunk_ranges(stream, geometry, ranges.ranges)
+        for result in self._results(stream, geometry, windows(spans)):
+            stats.bytes_read += result.bytes_read
+            for index, blob_id, sealed, raw_length in result.chunks:
+                if sealed is not None and self.writer.add_sealed(
+                    BlobType.DATA, blob_id, sealed, raw_length
+                ):
+                    stats.chunks_new += 1
+                    stats.bytes_new += len(sealed)
+                assembler.put(index, blob_id)
+            self.progress.advance(result.bytes_read)
+        leaf_page_ids = assembler.finish()
+        stats.tree = build_upper(leaf_page_ids, geometry, self._save_page).hex()
+        self.progress.finish()
+        return stats
+
+    def _save_page(self, level: int, entries: bytes) -> bytes:
+        return self.writer.add(BlobType.TREE, encode_page(level, entries))
+
+    def _results(
+        self, stream: VolumeStream, geometry: Geometry, todo: Iterator[tuple[int, int]]
+    ) -> Iterator[WindowResult]:
+        """Run windows on the pool, at most `max_in_flight` at once, yielding results in order."""
+        in_flight: deque[Future[WindowResult]] = deque()
+        try:
+            for first, count in todo:
+                in_flight.append(self.pool.submit(self._process, stream, geometry, first, count))
+                if len(in_flight) >= self.max_in_flight:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+    def _process(
+        self, stream: VolumeStream, geometry: Geometry, first: int, count: int
+    ) -> WindowResult:
+        c = geometry.chunk_size
+        offset = first * c
+        length = min(count * c, geometry.size - offset)
+        buf = bytearray(length)
+        got = stream.read_into(buf, offset)
+        if got != length:
+            raise QbhubError(f"volume shrank while being read (short read at offset {offset})")
+        view = memoryview(buf)
+        sealer, codec, writer = self.repo.sealer, self.repo.codec, self.writer
+        zero = bytes(c)
+        out: list[ChunkResult] = []
+        for k in range(count):
+            piece = view[k * c : (k + 1) * c]
+            if piece.tobytes() == zero[: len(piece)]:
+                out.append((first + k, ZERO_ID, None, len(piece)))
+                continue
+            blob_id = sealer.blob_id(BlobType.DATA, piece)
+            sealed = None if writer.known(blob_id) else codec.encode(BlobType.DATA, blob_id, piece)
+            out.append((first + k, blob_id, sealed, len(piece)))
+        return WindowResult(first, length, out)
+
+
+class LeafAssembler:
+    """Collects chunk IDs in volume order into leaf pages, reusing unchanged previous leaves."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        writer: BlobWriter,
+        geometry: Geometry,
+        ranges: ChunkRanges,
+        previous_leaves: list[bytes] | None,
+    ) -> None:
+        self.repo = repo
+        self.writer = writer
+        self.geometry = geometry
+        self.ranges = ranges
+        self.previous_leaves = previous_leaves
+        self.leaf_count = geometry.pages(0)
+        self.page_ids: list[bytes] = []
+        self.current = -1
+        self.entries: bytearray | None = None
+
+    def put(self, chunk: int, blob_id: bytes) -> None:
+        leaf = chunk // self.geometry.fanout
+        self._advance_to(leaf)
+        assert self.entries is not None
+        slot = (chunk % self.geometry.fanout) * ID_BYTES
+        self.entries[slot : slot + ID_BYTES] = blob_id
+
+    def finish(self) -> list[bytes]:
+        self._advance_to(self.leaf_count)
+        return self.page_ids
+
+    def _advance_to(self, leaf: int) -> None:
+        """Close the open leaf, settle every leaf before `leaf`, and open `leaf`."""
+        while self.current < leaf:
+            if self.entries is not None:
+                self._close_leaf(bytes(self.entries))
+                self.entries = None
+            self.current += 1
+            if self.current >= self.leaf_count:
+                continue
+            if self.current == leaf:
+                self.entries = self._base()
+            elif self._touched():  # scanned, but no data found: rebuild from the base
+                self._close_leaf(bytes(self._base()))
+            else:
+                self.page_ids.append(self._untouched_id())
+
+    def _span(self) -> tuple[int, int]:
+        first = self.current * self.geometry.fanout
+        return first, first + self.geometry.children(0, self.current)
+
+    def _touched(self) -> bool:
+        return self.ranges.touches(*self._span())
+
+    def _untouched_id(self) -> bytes:
+        if self.previous_leaves is not None:
+            return self.previous_leaves[self.current]
+        return ZERO_ID
+
+    def _base(self) -> bytearray:
+        """The leaf before this session's chunks land: previous entries, scanned ranges zeroed."""
+        count = self.geometry.children(0, self.current)
+        previous = self._untouched_id()
+        if previous == ZERO_ID:
+            return bytearray(count * ID_BYTES)
+        entries = bytearray(self.repo.load_page(previous, 0, count))
+        first, end = self._span()
+        for a, b in self.ranges.clip(first, end):
+            entries[(a - first) * ID_BYTES : (b - first) * ID_BYTES] = bytes((b - a) * ID_BYTES)
+        return entries
+
+    def _close_leaf(self, entries: bytes) -> None:
+        if entries.count(0) == len(entries):
+            self.page_ids.append(ZERO_ID)
+        else:
+            self.page_ids.append(self.writer.add(BlobType.TREE, encode_page(0, entries)))

@@ -1,0 +1,95 @@
+"""Blobs: the unit of storage. A blob's plaintext is compressed (or not), then sealed.
+
+Sealed plaintext = one compression byte (0 = stored raw, 1 = zstd frame) followed by the payload.
+Associated data = b"qbhub-blob-v1" || type byte || 32-byte ID, so a blob can't be replayed under
+another ID or type. An ID is the keyed hash of the type byte and the raw (uncompressed) content.
+"""
+
+from __future__ import annotations
+
+import threading
+from enum import IntEnum
+
+import zstandard
+
+from qubes_backup_hub.errors import IntegrityError
+
+from .crypto import Sealer
+
+BLOB_AAD_PREFIX = b"qbhub-blob-v1"
+RAW, ZSTD = 0, 1
+# Store compressed only when it saves at least 1/32 of the raw size.
+MIN_SAVING_DIVISOR = 32
+
+
+class BlobType(IntEnum):
+    """What a blob holds; part of its ID and its associated data."""
+
+    DATA = 1
+    TREE = 2
+    SESSION = 3
+    INDEX = 4
+
+
+def blob_aad(type_code: int, blob_id: bytes) -> bytes:
+    """The associated data that binds a sealed blob to its type and ID."""
+    return BLOB_AAD_PREFIX + bytes((type_code,)) + blob_id
+
+
+class BlobCodec:
+    """Compresses+seals and opens+decompresses blobs; safe to share between threads."""
+
+    def __init__(self, sealer: Sealer, level: int = 3) -> None:
+        self.sealer = sealer
+        self.level = level
+        self._local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "compressor", None)
+        if comp is None:
+            comp = self._local.compressor = zstandard.ZstdCompressor(
+                level=self.level, write_checksum=False, write_content_size=False
+            )
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "decompressor", None)
+        if dec is None:
+            dec = self._local.decompressor = zstandard.ZstdDecompressor()
+        return dec
+
+    def encode(self, type_code: int, blob_id: bytes, raw: bytes | memoryview) -> bytes:
+        """Return the sealed blob for `raw` content with `blob_id`."""
+        packed = self._compressor().compress(raw) if self.level > 0 else b""
+        if packed and len(packed) < len(raw) - len(raw) // MIN_SAVING_DIVISOR:
+            plaintext = b"\x01" + packed
+        else:
+            plaintext = b"\x00" + bytes(raw)
+        return self.sealer.seal(blob_aad(type_code, blob_id), plaintext)
+
+    def decode(
+        self, type_code: int, blob_id: bytes, sealed: bytes | memoryview, raw_length: int
+    ) -> bytes:
+        """Authenticate and decompress a blob; its raw content must be exactly `raw_length`."""
+        what = f"{BlobType(type_code).name.lower()} blob {blob_id.hex()[:16]}"
+        plaintext = self.sealer.open(blob_aad(type_code, blob_id), sealed, what)
+        if not plaintext:
+            raise IntegrityError(f"{what} is empty")
+        flag, payload = plaintext[0], memoryview(plaintext)[1:]
+        if flag == RAW:
+            raw = bytes(payload)
+        elif flag == ZSTD:
+            try:
+                raw = self._decompressor().decompress(payload, max_output_size=raw_length)
+            except zstandard.ZstdError as exc:
+                raise IntegrityError(f"{what} does not decompress: {exc}") from None
+        else:
+            raise IntegrityError(f"{what} has unknown compression {flag}")
+        if len(raw) != raw_length:
+            raise IntegrityError(f"{what} is {len(raw)} bytes, expected {raw_length}")
+        return raw
+
+    def check_id(self, type_code: int, blob_id: bytes, raw: bytes) -> None:
+        """Raise IntegrityError unless `raw` hashes to `blob_id`."""
+        if self.sealer.blob_id(type_code, raw) != blob_id:
+            raise IntegrityError(f"blob {blob_id.hex()[:16]} content does not match its ID")

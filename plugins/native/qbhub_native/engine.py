@@ -1,0 +1,162 @@
+"""NativeEngine: the host's Engine interface implemented over the native archive format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
+from qubes_backup_hub.errors import NotFoundError, UsageError
+from qubes_backup_hub.restore_header import RestoreHeader, RestoreVolume
+from qubes_backup_hub.state import LocalState
+from qubes_backup_hub.store.base import Store
+
+from .archiver import run_session
+from .prune import choose_sessions, prune_archive
+from .repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
+from .restore import VolumeRestore
+from .session import SessionRecord, VolumeRecord
+from .verify import verify_archive
+
+CAPABILITIES = frozenset(
+    {
+        "encryption",
+        "authentication",
+        "incremental",
+        "changed-ranges",
+        "dedup",
+        "rollback-detection",
+        "prune",
+        "verify",
+        "rekey",
+    }
+)
+
+
+class NativeEngine(Engine):
+    """qbhub's own block-delta engine."""
+
+    def __init__(self, context: EngineContext) -> None:
+        self.context = context
+        self.state = LocalState(context.state_dir)
+
+    def _open(self, store: Store) -> Repository:
+        return Repository.open(store, lambda: self.context.passphrase.get(), self.state)
+
+    def _archive_info(self, repo: Repository) -> dict[str, Any]:
+        return {
+            "archive_id": repo.header.archive_id,
+            "encryption": repo.header.suite,
+            "generation": repo.body.generation,
+            "updated": repo.body.updated,
+            "first_contact": repo.info.first_contact,
+        }
+
+    def init_archive(self, store: Store, *, encryption: bool) -> dict[str, Any]:
+        if store.exists():
+            raise UsageError(f"{store.url} already holds an archive")
+        options = self.context.options
+        passphrase = self.context.passphrase.get(confirm=True) if encryption else None
+        repo = Repository.create(
+            store,
+            passphrase=passphrase,
+            state=self.state,
+            chunk_size=int(options.get("chunk_size") or DEFAULT_CHUNK_SIZE),
+            compression_level=int(options.get("compression_level", DEFAULT_COMPRESSION_LEVEL)),
+        )
+        return {**self._archive_info(repo), "chunk_size": repo.body.chunk_size, "url": store.url}
+
+    def backup(self, store: Store, volumes: list[VolumeSource]) -> dict[str, Any]:
+        with store.lock():
+            repo = self._open(store)
+            record, writer = run_session(
+                repo,
+                volumes,
+                self.context.hook,
+                self.context.progress,
+                metadata=self.context.options.get("metadata"),
+            )
+        return {
+            **self._archive_info(repo),
+            "session": record.session_id,
+            "volumes": [_volume_summary(v) for v in record.volumes],
+            "bytes_stored": writer.bytes_written,
+            "packs_written": len(writer.new_packs) - writer.packs_reused,
+            "packs_reused": writer.packs_reused,
+        }
+
+    def restore_volume(
+        self, store: Store, name: str, target: Path, *, session: str | None, overwrite: bool
+    ) -> dict[str, Any]:
+        repo = self._open(store)
+        record, volume = _find_volume(repo, name, session)
+        header = RestoreHeader(
+            volumes=(RestoreVolume(volume.name, volume.size),), session=record.session_id
+        )
+        self.context.hook.qbhub_validate_restore(header=header)
+        result = VolumeRestore(repo, self.context.progress).run(volume, target, overwrite=overwrite)
+        return {**self._archive_info(repo), "session": record.session_id, **result}
+
+    def list_sessions(self, store: Store, *, session: str | None) -> dict[str, Any]:
+        repo = self._open(store)
+        refs = [repo.find_session(session)] if session else repo.body.sessions
+        sessions = []
+        for ref in refs:
+            record = repo.session_record(ref)
+            sessions.append(
+                {
+                    "session": record.session_id,
+                    "started": record.started,
+                    "finished": record.finished,
+                    "volumes": [_volume_summary(v) for v in record.volumes],
+                    "bytes_stored": sum(v.bytes_new for v in record.volumes),
+                }
+            )
+        stored = sum(size for _, size in store.list())
+        return {**self._archive_info(repo), "sessions": sessions, "archive_bytes": stored}
+
+    def verify(self, store: Store, *, quick: bool) -> dict[str, Any]:
+        repo = self._open(store)
+        return {
+            **self._archive_info(repo),
+            **verify_archive(repo, quick=quick, progress=self.context.progress),
+        }
+
+    def prune(self, store: Store, *, sessions: list[str], keep_last: int | None) -> dict[str, Any]:
+        with store.lock():
+            repo = self._open(store)
+            drop = choose_sessions(repo, sessions, keep_last)
+            result = prune_archive(repo, drop, self.context.progress)
+        return {**self._archive_info(repo), **result}
+
+    def change_passphrase(self, store: Store) -> dict[str, Any]:
+        if self.context.new_passphrase is None:
+            raise UsageError("no new passphrase source given")
+        with store.lock():
+            repo = self._open(store)
+            repo.rewrap(self.context.new_passphrase.get(confirm=True))
+        return self._archive_info(repo)
+
+
+def _find_volume(
+    repo: Repository, name: str, session: str | None
+) -> tuple[SessionRecord, VolumeRecord]:
+    refs = [repo.find_session(session)] if session else list(reversed(repo.body.sessions))
+    for ref in refs:
+        record = repo.session_record(ref)
+        volume = record.volume(name)
+        if volume is not None:
+            return record, volume
+    where = f"session {session}" if session else "any session"
+    raise NotFoundError(f"no volume named {name!r} in {where}")
+
+
+def _volume_summary(v: VolumeRecord) -> dict[str, Any]:
+    return {
+        "name": v.name,
+        "size": v.size,
+        "provider": v.provider,
+        "bytes_read": v.bytes_read,
+        "chunks_new": v.chunks_new,
+        "bytes_stored": v.bytes_new,
+    }

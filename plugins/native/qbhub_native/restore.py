@@ -1,0 +1,179 @@
+"""Restoring a volume: walk its tree, fetch pack ranges in parallel, authenticate, write at offset.
+
+Writes go to a fresh temporary file beside the target, renamed into place only after every chunk
+authenticated and was written and fsynced: a failed restore leaves no partial file behind.
+A block device is written in place (it can't be renamed); a failure says so.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from qubes_backup_hub.errors import IntegrityError, QbhubError, UsageError
+from qubes_backup_hub.progress import Progress
+
+from .blob import BlobType
+from .index import BlobLocation
+from .repository import Repository
+from .session import VolumeRecord
+from .tree import ID_BYTES, ZERO_ID, iter_leaves
+
+MAX_RUN_BYTES = 8 * 1024 * 1024
+# One read of consecutive blobs in one pack: (pack, offset, total length, [(chunk, id, loc)])
+Run = tuple[str, int, int, list[tuple[int, bytes, BlobLocation]]]
+
+
+def plan_runs(repo: Repository, volume: VolumeRecord) -> Iterator[Run | int]:
+    """Yield runs of blobs to read, and the index of every all-zero chunk (as an int)."""
+    geometry = volume.geometry
+    fanout = geometry.fanout
+    run: list[tuple[int, bytes, BlobLocation]] = []
+    run_pack, run_start, run_end = "", 0, 0
+    for leaf, entries in iter_leaves(volume.tree_id, geometry, repo.load_page):
+        first = leaf * fanout
+        count = geometry.children(0, leaf)
+        for k in range(count):
+            blob_id = entries[k * ID_BYTES : (k + 1) * ID_BYTES] if entries else ZERO_ID
+            if blob_id == ZERO_ID:
+                yield first + k
+                continue
+            loc = repo.index.get(blob_id)
+            if loc is None or loc.type_code != BlobType.DATA:
+                raise IntegrityError(
+                    f"chunk {first + k} of volume {volume.name} ({blob_id.hex()[:16]}) is missing "
+                    "from the archive"
+                )
+            if loc.raw_length != geometry.chunk_length(first + k):
+                raise IntegrityError(
+                    f"chunk {first + k} of volume {volume.name} has the wrong length"
+                )
+            contiguous = loc.pack == run_pack and loc.offset == run_end
+            if run and (not contiguous or run_end - run_start > MAX_RUN_BYTES):
+                yield run_pack, run_start, run_end - run_start, run
+                run = []
+            if not run:
+                run_pack, run_start = loc.pack, loc.offset
+            run.append((first + k, blob_id, loc))
+            run_end = loc.offset + loc.length
+    if run:
+        yield run_pack, run_start, run_end - run_start, run
+
+
+class VolumeRestore:
+    """Restores one volume record to a path."""
+
+    def __init__(self, repo: Repository, progress: Progress, workers: int | None = None) -> None:
+        self.repo = repo
+        self.progress = progress
+        self.workers = workers or os.cpu_count() or 2
+
+    def run(self, volume: VolumeRecord, target: Path, *, overwrite: bool) -> dict[str, object]:
+        mode = _existing_mode(target)
+        if mode is not None and stat.S_ISBLK(mode):
+            return self._to_block_device(volume, target)
+        if mode is not None and not stat.S_ISREG(mode):
+            raise UsageError(f"{target} exists and is neither a regular file nor a block device")
+        if mode is not None and not overwrite:
+            raise UsageError(f"{target} exists; use --overwrite to replace it")
+        tmp = target.parent / f".{target.name}.qbhub-partial-{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise UsageError(f"cannot create {tmp}: {exc.strerror}") from None
+        try:
+            os.ftruncate(fd, volume.size)
+            written = self._write_all(volume, fd, zero_fill=False)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.rename(tmp, target)
+        except BaseException as exc:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, QbhubError):
+                raise type(exc)(f"{exc}; restore aborted, {target} was not written") from None
+            raise
+        return {
+            "volume": volume.name,
+            "target": str(target),
+            "size": volume.size,
+            "bytes_written": written,
+        }
+
+    def _to_block_device(self, volume: VolumeRecord, target: Path) -> dict[str, object]:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            device_size = os.lseek(fd, 0, os.SEEK_END)
+            if device_size < volume.size:
+                raise UsageError(
+                    f"{target} holds {device_size} bytes; the volume needs {volume.size}"
+                )
+            try:
+                written = self._write_all(volume, fd, zero_fill=True)
+            except QbhubError as exc:
+                raise type(exc)(f"{exc}; the device {target} now holds a partial restore") from None
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {
+            "volume": volume.name,
+            "target": str(target),
+            "size": volume.size,
+            "bytes_written": written,
+        }
+
+    def _write_all(self, volume: VolumeRecord, fd: int, *, zero_fill: bool) -> int:
+        chunk_size = volume.chunk_size
+        self.progress.start(volume.name, volume.size)
+        written = 0
+        zero = bytes(chunk_size)
+        in_flight: deque[Future[int]] = deque()
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="qbhub-restore") as pool:
+            try:
+                for item in plan_runs(self.repo, volume):
+                    if isinstance(item, int):
+                        length = volume.geometry.chunk_length(item)
+                        if zero_fill:
+                            os.pwrite(fd, zero[:length], item * chunk_size)
+                        self.progress.advance(length)
+                        continue
+                    in_flight.append(pool.submit(self._fetch_and_write, item, fd, chunk_size))
+                    if len(in_flight) > 2 * self.workers:
+                        n = in_flight.popleft().result()
+                        written += n
+                        self.progress.advance(n)
+                while in_flight:
+                    n = in_flight.popleft().result()
+                    written += n
+                    self.progress.advance(n)
+            finally:
+                for future in in_flight:
+                    future.cancel()
+        self.progress.finish()
+        return written
+
+    def _fetch_and_write(self, run: Run, fd: int, chunk_size: int) -> int:
+        pack, start, length, blobs = run
+        data = memoryview(self.repo.store.get_range(pack, start, length))
+        codec = self.repo.codec
+        written = 0
+        for chunk, blob_id, loc in blobs:
+            sealed = data[loc.offset - start : loc.offset - start + loc.length]
+            raw = codec.decode(BlobType.DATA, blob_id, sealed, loc.raw_length)
+            os.pwrite(fd, raw, chunk * chunk_size)
+            written += len(raw)
+        return written
+
+
+def _existing_mode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mode
+    except FileNotFoundError:
+        return None

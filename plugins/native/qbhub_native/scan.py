@@ -1,0 +1,84 @@
+"""Planning what a backup reads: chunk ranges to scan, cut into windows, holes left out."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator
+
+from qubes_backup_hub.stream.base import VolumeStream
+
+from .tree import Geometry
+
+WINDOW_CHUNKS = 32  # chunks read and processed together (2 MiB at 64 KiB chunks)
+
+
+def scan_ranges(
+    geometry: Geometry, changed: Iterable[tuple[int, int]] | None
+) -> list[tuple[int, int]]:
+    """Chunk-index ranges [first, end) to scan: everything, or the chunks `changed` touches."""
+    n = geometry.chunks
+    if changed is None:
+        return [(0, n)] if n else []
+    c = geometry.chunk_size
+    spans = sorted(
+        (max(0, off // c), min(n, -(-(off + length) // c))) for off, length in changed if length > 0
+    )
+    merged: list[tuple[int, int]] = []
+    for first, end in spans:
+        if first >= end:
+            continue
+        if merged and first <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((first, end))
+    return merged
+
+
+def data_chunk_ranges(
+    stream: VolumeStream, geometry: Geometry, ranges: list[tuple[int, int]]
+) -> Iterator[tuple[int, int]]:
+    """Chunk ranges inside `ranges` that hold data (holes skipped), merged and in order."""
+    c = geometry.chunk_size
+    pending: tuple[int, int] | None = None
+    for first, end in ranges:
+        for off, length in stream.data_extents(first * c, min(end * c, geometry.size)):
+            span = (off // c, min(end, -(-(off + length) // c)))
+            if pending and span[0] <= pending[1]:
+                pending = (pending[0], max(pending[1], span[1]))
+                continue
+            if pending:
+                yield pending
+            pending = span
+    if pending:
+        yield pending
+
+
+def windows(
+    spans: Iterable[tuple[int, int]], window: int = WINDOW_CHUNKS
+) -> Iterator[tuple[int, int]]:
+    """Cut chunk spans into (first chunk, count) windows aligned to multiples of `window`."""
+    for first, end in spans:
+        pos = first
+        while pos < end:
+            stop = min(end, (pos // window + 1) * window)
+            yield pos, stop - pos
+            pos = stop
+
+
+class ChunkRanges:
+    """Sorted, disjoint chunk ranges with fast overlap queries (bisect, not a scan)."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self.ends = [b for _, b in ranges]
+
+    def clip(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """The parts of the ranges inside [first, end), in order."""
+        for a, b in self.ranges[bisect_right(self.ends, first) :]:
+            if a >= end:
+                return
+            yield max(a, first), min(b, end)
+
+    def touches(self, first: int, end: int) -> bool:
+        """True if any range overlaps [first, end)."""
+        return next(self.clip(first, end), None) is not None

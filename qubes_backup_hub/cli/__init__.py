@@ -1,0 +1,1 @@
+"""The qbhub command line: `main` is the group, one module per command family."""

@@ -1,0 +1,91 @@
+"""Archive-wide commands: init, list, verify, prune."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..names import check_session_id
+from . import format as fmt
+from .context import archive_options, cli_state
+
+
+@click.command()
+@archive_options
+@click.option(
+    "--encryption",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Encrypt and authenticate everything (off: checksums only, readable by anyone).",
+)
+@click.option("--chunk-size", type=int, default=None, help="Chunk size in bytes (default 65536).")
+@click.option(
+    "--compression-level",
+    type=click.IntRange(0, 19),
+    default=3,
+    show_default=True,
+    help="zstd level; 0 stores chunks uncompressed.",
+)
+def init(
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    encryption: str,
+    chunk_size: int | None,
+    compression_level: int,
+) -> None:
+    """Create a new, empty archive at --dest."""
+    state = cli_state(json_output)
+    options = {"chunk_size": chunk_size, "compression_level": compression_level}
+    eng = state.engine(engine, passphrase_file, options=options)
+    state.emit(eng.init_archive(state.store(dest), encryption=encryption == "on"), fmt.init_text)
+
+
+@click.command("list")
+@archive_options
+@click.option("--session", help="Show only this session.")
+def list_cmd(
+    dest: str, engine: str, passphrase_file: Path | None, json_output: bool, session: str | None
+) -> None:
+    """Show sessions with their volumes, sizes and the bytes each stored."""
+    state = cli_state(json_output)
+    if session:
+        check_session_id(session)
+    eng = state.engine(engine, passphrase_file)
+    state.emit(eng.list_sessions(state.store(dest), session=session), fmt.list_text)
+
+
+@click.command()
+@archive_options
+@click.option("--quick", is_flag=True, help="Check metadata and pack presence only; read no data.")
+def verify(
+    dest: str, engine: str, passphrase_file: Path | None, json_output: bool, quick: bool
+) -> None:
+    """Authenticate the archive: by default every chunk of every session is read and re-hashed."""
+    state = cli_state(json_output)
+    eng = state.engine(engine, passphrase_file)
+    state.emit(eng.verify(state.store(dest), quick=quick), fmt.verify_text)
+
+
+@click.command()
+@archive_options
+@click.option("--session", "sessions", multiple=True, help="Drop this session (repeatable).")
+@click.option("--keep-last", type=int, default=None, help="Drop all but the newest N sessions.")
+def prune(
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    sessions: tuple[str, ...],
+    keep_last: int | None,
+) -> None:
+    """Drop sessions and reclaim the space only they used (sparse packs are repacked)."""
+    state = cli_state(json_output)
+    for s in sessions:
+        check_session_id(s)
+    eng = state.engine(engine, passphrase_file)
+    result = eng.prune(state.store(dest), sessions=list(sessions), keep_last=keep_last)
+    state.emit(result, fmt.prune_text)

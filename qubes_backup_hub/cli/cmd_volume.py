@@ -1,0 +1,103 @@
+"""`qbhub volume ...`: back up and restore plain files and block devices."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from ..engine import VolumeSource
+from ..names import check_session_id, check_volume_name
+from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
+from . import format as fmt
+from .context import archive_options, cli_state
+
+
+@click.group()
+def volume() -> None:
+    """Back up and restore volumes: image files and block devices."""
+
+
+def parse_volume_arg(arg: str) -> tuple[str, str]:
+    """PATH[=NAME] -> (path, name); the default name is the file name, made valid."""
+    path, sep, name = arg.rpartition("=")
+    if not sep:
+        path = arg
+        name = re.sub(r"[^A-Za-z0-9._:+-]", "_", Path(arg).name) or "volume"
+        if not name[0].isalnum():
+            name = "v" + name
+    return path, check_volume_name(name[:128])
+
+
+@volume.command("backup")
+@archive_options
+@click.argument("volumes", nargs=-1, required=True, metavar="PATH[=NAME]...")
+def backup(
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    volumes: tuple[str, ...],
+) -> None:
+    """Back up one or more volumes as one session.
+
+    Each PATH is an image file or block device; NAME (default: the file name) is how the
+    archive knows it. Only chunks that changed since the volume's previous session are stored.
+    """
+    state = cli_state(json_output)
+    hook = state.registry.pm.hook
+    eng = state.engine(engine, passphrase_file)
+    store = state.store(dest)
+    providers: list[SnapshotProvider] = []
+    sources: list[VolumeSource] = []
+    try:
+        for arg in volumes:
+            path, name = parse_volume_arg(arg)
+            ref = VolumeRef(name=name, path=path, archive_id=store.url)
+            provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
+            providers.append(provider)
+            view = provider.take()
+            sources.append(VolumeSource(name, view.path, view.changed_ranges, view.provider))
+        result = eng.backup(store, sources)
+    except BaseException:
+        for provider in providers:
+            provider.abort()
+        raise
+    for provider in providers:
+        provider.commit()
+    state.emit(result, fmt.backup_text)
+
+
+@volume.command("restore")
+@archive_options
+@click.argument("name")
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the volume: a new file, or a block device.",
+)
+@click.option("--session", help="Restore from this session (default: the newest holding NAME).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing regular file at --to.")
+def restore(
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    name: str,
+    target: Path,
+    session: str | None,
+    overwrite: bool,
+) -> None:
+    """Restore volume NAME to --to (a sparse file, written only if every chunk authenticates)."""
+    state = cli_state(json_output)
+    check_volume_name(name)
+    if session:
+        check_session_id(session)
+    eng = state.engine(engine, passphrase_file)
+    result = eng.restore_volume(
+        state.store(dest), name, target, session=session, overwrite=overwrite
+    )
+    state.emit(result, fmt.restore_text)

@@ -1,0 +1,93 @@
+"""What every command shares: the registry, options common to commands, and output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..engine import Engine, EngineContext
+from ..passphrase import PassphraseSource
+from ..progress import Progress
+from ..registry import Registry, load_registry
+from ..state import default_home
+from ..store.base import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class CliState:
+    """Lazily built objects shared by the commands of one invocation."""
+
+    json_output: bool = False
+    _registry: Registry | None = field(default=None, repr=False)
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = load_registry()
+        return self._registry
+
+    def engine(
+        self,
+        name: str,
+        passphrase_file: Path | None,
+        *,
+        new_passphrase: PassphraseSource | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Engine:
+        context = EngineContext(
+            hook=self.registry.pm.hook,
+            passphrase=PassphraseSource(file=passphrase_file),
+            state_dir=default_home(),
+            progress=Progress(enabled=None if not self.json_output else False),
+            new_passphrase=new_passphrase,
+            options=options or {},
+        )
+        return self.registry.engine(name).create(context)
+
+    def store(self, url: str) -> Store:
+        return self.registry.open_store(url)
+
+    def emit(self, result: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
+        """Print `result` as JSON (with --json) or as the human text `human` makes of it."""
+        if self.json_output:
+            json.dump(result, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        else:
+            click.echo(human(result))
+
+
+def archive_options(func: F) -> F:
+    """--dest, --engine, --passphrase-file and --json, shared by every archive command."""
+    func = click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON.")(
+        func
+    )
+    func = click.option(
+        "--passphrase-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Read the passphrase from this file (else $QBHUB_PASSPHRASE, else a prompt).",
+    )(func)
+    func = click.option(
+        "--engine", default="native", show_default=True, help="Backup engine (see `qbhub engines`)."
+    )(func)
+    func = click.option(
+        "--dest",
+        required=True,
+        metavar="URL",
+        help="The archive: a directory path (or file://PATH).",
+    )(func)
+    return func
+
+
+def cli_state(json_output: bool) -> CliState:
+    """The CliState of this invocation, with --json applied."""
+    state = click.get_current_context().ensure_object(CliState)
+    state.json_output = state.json_output or json_output
+    return state

@@ -1,0 +1,92 @@
+"""Human-readable renderings of command results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..progress import human_bytes
+
+
+def archive_line(r: dict[str, Any]) -> str:
+    note = " (first use of this archive on this machine)" if r.get("first_contact") else ""
+    return f"archive {r['archive_id']}, generation {r['generation']}, updated {r['updated']}{note}"
+
+
+def init_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"Created archive at {r['url']}",
+        f"  archive ID {r['archive_id']}, encryption {r['encryption']}, "
+        f"chunk size {human_bytes(r['chunk_size'])}",
+    ]
+    if r["encryption"] != "none":
+        lines.append(
+            "  The archive and its passphrase are all a restore needs: keep the passphrase safe."
+        )
+    else:
+        lines.append("  WARNING: encryption is off; anyone with the archive can read and alter it.")
+    return "\n".join(lines)
+
+
+def volume_line(v: dict[str, Any]) -> str:
+    return (
+        f"  {v['name']}: {human_bytes(v['size'])}, read {human_bytes(v['bytes_read'])} "
+        f"({v['provider']}), {v['chunks_new']} new chunks, stored {human_bytes(v['bytes_stored'])}"
+    )
+
+
+def backup_text(r: dict[str, Any]) -> str:
+    lines = [f"Session {r['session']} committed ({archive_line(r)})"]
+    lines += [volume_line(v) for v in r["volumes"]]
+    reused = (
+        f", {r['packs_reused']} packs reused from an interrupted run" if r["packs_reused"] else ""
+    )
+    lines.append(f"  added {human_bytes(r['bytes_stored'])} to the archive{reused}")
+    return "\n".join(lines)
+
+
+def restore_text(r: dict[str, Any]) -> str:
+    return (
+        f"Restored {r['volume']} from session {r['session']} to {r['target']}: "
+        f"{human_bytes(r['size'])} ({human_bytes(r['bytes_written'])} of data written)"
+    )
+
+
+def list_text(r: dict[str, Any]) -> str:
+    lines = [
+        archive_line(r),
+        f"{len(r['sessions'])} sessions, archive size {human_bytes(r['archive_bytes'])}",
+    ]
+    for s in r["sessions"]:
+        lines.append(f"{s['session']}  stored {human_bytes(s['bytes_stored'])}")
+        for v in s["volumes"]:
+            lines.append(
+                f"    {v['name']:<32} {human_bytes(v['size']):>10}  "
+                f"stored {human_bytes(v['bytes_stored'])}"
+            )
+    return "\n".join(lines)
+
+
+def verify_text(r: dict[str, Any]) -> str:
+    text = (
+        f"Archive OK ({r['mode']} verify): {r['sessions']} sessions, {r['tree_pages']} tree pages, "
+        f"{r['chunks_referenced']} chunks referenced, {r['packs']} packs"
+    )
+    if "blobs_verified" in r:
+        done = human_bytes(r["bytes_verified"])
+        text += f", {r['blobs_verified']} blobs ({done}) authenticated and re-hashed"
+    if r["unreferenced_objects"]:
+        text += (
+            f"\n  {r['unreferenced_objects']} unreferenced objects (left by an interrupted backup; "
+            "the next backup reuses them, prune removes them)"
+        )
+    return text
+
+
+def prune_text(r: dict[str, Any]) -> str:
+    removed = ", ".join(r["sessions_removed"]) or "none"
+    return (
+        f"Removed sessions: {removed}; {r['sessions_left']} left\n"
+        f"  packs deleted {r['packs_deleted']}, repacked {r['packs_repacked']}, "
+        f"objects removed {r['objects_deleted']}\n"
+        f"  archive size {human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}"
+    )

@@ -1,0 +1,100 @@
+"""What an engine is to the host: its registration record and the operations the CLI calls."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from .passphrase import PassphraseSource
+    from .progress import Progress
+    from .store.base import Store
+
+# Capability words an engine may declare (shown by `qbhub engines`).
+CAPABILITIES = {
+    "encryption": "encrypts data and metadata before they leave this machine",
+    "authentication": "detects any modification of stored data and metadata",
+    "incremental": "stores only what changed since the previous session",
+    "changed-ranges": "uses snapshot change metadata instead of rescanning whole volumes",
+    "dedup": "stores identical chunks once, across sessions and volumes",
+    "rollback-detection": "refuses an archive root older than the newest seen here",
+    "prune": "removes sessions and reclaims their space",
+    "verify": "re-reads and authenticates everything stored",
+    "rekey": "changes the passphrase without re-encrypting data",
+}
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """One volume to back up: its name in the archive and the view to read it from.
+
+    `changed_ranges` lists (offset, length) byte ranges that may differ from the previous
+    session's copy of this volume; None means unknown (scan everything). `provider` names the
+    snapshot provider that produced the view, for reporting.
+    """
+
+    name: str
+    path: str
+    changed_ranges: list[tuple[int, int]] | None = None
+    provider: str = "plain"
+
+
+@dataclass
+class EngineContext:
+    """Everything an engine gets from the host: hooks, passphrases, local state, progress."""
+
+    hook: pluggy.HookRelay
+    passphrase: PassphraseSource
+    state_dir: Path
+    progress: Progress
+    new_passphrase: PassphraseSource | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """The operations a backup engine offers; every method returns a JSON-serialisable dict."""
+
+    @abstractmethod
+    def init_archive(self, store: Store, *, encryption: bool) -> dict[str, Any]:
+        """Create a new, empty archive in `store` (refuse if one exists)."""
+
+    @abstractmethod
+    def backup(self, store: Store, volumes: list[VolumeSource]) -> dict[str, Any]:
+        """Back up `volumes` as one new session and commit it."""
+
+    @abstractmethod
+    def restore_volume(
+        self, store: Store, name: str, target: Path, *, session: str | None, overwrite: bool
+    ) -> dict[str, Any]:
+        """Restore volume `name` (newest session holding it, or `session`) to `target`."""
+
+    @abstractmethod
+    def list_sessions(self, store: Store, *, session: str | None) -> dict[str, Any]:
+        """Describe the archive's sessions (or one session's volumes)."""
+
+    @abstractmethod
+    def verify(self, store: Store, *, quick: bool) -> dict[str, Any]:
+        """Check the archive; raise IntegrityError on the first problem found."""
+
+    @abstractmethod
+    def prune(self, store: Store, *, sessions: list[str], keep_last: int | None) -> dict[str, Any]:
+        """Remove sessions and reclaim the space only they used."""
+
+    @abstractmethod
+    def change_passphrase(self, store: Store) -> dict[str, Any]:
+        """Rewrap the archive key under a new passphrase (from the context)."""
+
+
+@dataclass(frozen=True)
+class EngineType:
+    """An engine as registered by a plugin: `register(EngineType(name=..., ...))`."""
+
+    name: str
+    description: str
+    capabilities: frozenset[str]
+    create: Callable[[EngineContext], Engine]

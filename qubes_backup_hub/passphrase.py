@@ -1,0 +1,50 @@
+"""Where passphrases come from: a file, the QBHUB_PASSPHRASE environment variable, or a prompt."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PassphraseError
+
+ENV_VAR = "QBHUB_PASSPHRASE"
+MAX_PASSPHRASE_FILE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class PassphraseSource:
+    """Obtains a passphrase on demand, the first available of: file, environment, terminal."""
+
+    file: Path | None = None
+    env_var: str | None = ENV_VAR
+    prompt: str = "Passphrase for the archive: "
+
+    def get(self, *, confirm: bool = False) -> bytes:
+        """Return the passphrase as UTF-8 bytes; `confirm` asks twice when prompting."""
+        if self.file is not None:
+            try:
+                raw = self.file.read_bytes()[: MAX_PASSPHRASE_FILE + 1]
+            except OSError as exc:
+                raise PassphraseError(
+                    f"cannot read passphrase file {self.file}: {exc.strerror}"
+                ) from None
+            if len(raw) > MAX_PASSPHRASE_FILE:
+                raise PassphraseError(f"passphrase file {self.file} is larger than 64 KiB")
+            phrase = raw.rstrip(b"\r\n")
+        elif self.env_var and os.environ.get(self.env_var):
+            phrase = os.environ[self.env_var].encode()
+        elif sys.stdin.isatty():
+            first = getpass.getpass(self.prompt)
+            if confirm and getpass.getpass("Repeat the passphrase: ") != first:
+                raise PassphraseError("the two passphrases differ")
+            phrase = first.encode()
+        else:
+            raise PassphraseError(
+                f"no passphrase: give --passphrase-file, set {ENV_VAR}, or run on a terminal"
+            )
+        if not phrase:
+            raise PassphraseError("the passphrase is empty")
+        return phrase

@@ -1,0 +1,1 @@
+"""Stores: where archives live. `base` is the interface; `local` the built-in directory store."""

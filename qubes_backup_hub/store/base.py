@@ -1,0 +1,72 @@
+"""The store interface: a flat namespace of immutable objects plus one small mutable root.
+
+Stores are untrusted transports. They never interpret what they hold; engines authenticate every
+byte they read back. Every name crossing this interface matches `names.OBJECT_NAME`, and every
+read states the most it will accept, so a hostile store can't make the reader allocate without
+bound.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+
+class Store(ABC):
+    """One archive location."""
+
+    url: str
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """True if the location holds an archive (a root object)."""
+
+    @abstractmethod
+    def create(self) -> None:
+        """Prepare an empty location for a new archive; refuse if it already holds one."""
+
+    @abstractmethod
+    def put(self, name: str, data: bytes | memoryview) -> None:
+        """Store object `name` durably. Objects are immutable: `name` must not exist yet."""
+
+    @abstractmethod
+    def get(self, name: str, max_size: int) -> bytes:
+        """Return object `name`; raise StoreError if it is missing or larger than `max_size`."""
+
+    @abstractmethod
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """Return exactly `length` bytes of object `name` from `offset` (StoreError if short)."""
+
+    @abstractmethod
+    def list(self) -> Iterator[tuple[str, int]]:
+        """Yield (name, size) of every object (not the root)."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove object `name`; a missing object is not an error."""
+
+    @abstractmethod
+    def get_root(self, max_size: int) -> bytes | None:
+        """Return the root object, None if there is none, StoreError if above `max_size`."""
+
+    @abstractmethod
+    def put_root(self, data: bytes) -> None:
+        """Replace the root atomically: a reader sees the old root or the new, never a mix."""
+
+    @abstractmethod
+    def lock(self) -> AbstractContextManager[None]:
+        """Hold the archive for one writer; raise StoreError at once if another holds it."""
+
+    def close(self) -> None:  # noqa: B027 - optional: most stores hold nothing open
+        """Release connections; the store is not used afterwards."""
+
+
+@dataclass(frozen=True)
+class StoreType:
+    """A store implementation as registered by a plugin, named by the URL scheme it handles."""
+
+    scheme: str
+    description: str
+    open: Callable[[str], Store]
