@@ -9,7 +9,7 @@ import click
 
 from .. import __version__
 from ..errors import QbhubError
-from . import cmd_archive, cmd_engines, cmd_key, cmd_volume
+from . import cmd_archive, cmd_demo, cmd_engines, cmd_key, cmd_volume
 from .context import CliState
 
 EPILOG = """\b
@@ -40,6 +40,7 @@ cli.add_command(cmd_archive.prune)
 cli.add_command(cmd_volume.volume)
 cli.add_command(cmd_key.key)
 cli.add_command(cmd_engines.engines)
+cli.add_command(cmd_demo.demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,8 @@ def run_session(
     writer = BlobWriter(repo)
     referenced = {loc.pack for _, loc in repo.index.items()}
     writer.reuse_orphan_packs(referenced)
-    workers = workers or os.cpu_count() or 2
+    # Reads release the GIL: two threads more than cores overlap I/O with hashing and sealing.
+    workers = workers or (os.cpu_count() or 2) + 2
     records: list[VolumeRecord] = []
     committed = False
     try:

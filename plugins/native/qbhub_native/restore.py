@@ -71,7 +71,8 @@ class VolumeRestore:
     def __init__(self, repo: Repository, progress: Progress, workers: int | None = None) -> None:
         self.repo = repo
         self.progress = progress
-        self.workers = workers or os.cpu_count() or 2
+        # Restores are I/O-bound: more threads than cores keep reads and writes overlapping.
+        self.workers = workers or max(4, 2 * (os.cpu_count() or 2))
 
     def run(self, volume: VolumeRecord, target: Path, *, overwrite: bool) -> dict[str, object]:
         mode = _existing_mode(target)
