@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib.metadata import EntryPoint, entry_points
 from dataclasses import dataclass, field
 
 import pluggy
@@ -57,9 +58,19 @@ def _collect(pm: pluggy.PluginManager) -> Registry:
             return
         registry.stores[store_type.scheme] = store_type
 
-    pm.hook.qbhub_register_engines(register=register_engine)
-    pm.hook.qbhub_register_stores(register=register_store)
+    # Call registration hooks in registration order (built-ins and earlier plugins first), so a
+    # later plugin can never take over a name that is already registered.
+    for impl in pm.hook.qbhub_register_engines.get_hookimpls():
+        impl.function(register=register_engine)
+    for impl in pm.hook.qbhub_register_stores.get_hookimpls():
+        impl.function(register=register_store)
     return registry
+
+
+def _load_order(ep: EntryPoint) -> tuple[int, str]:
+    """The host's own plugins first, then the project's engines, then everything else."""
+    dist = ep.dist.name if ep.dist is not None else ""
+    return ({"qbhub": 0, "qbhub-native": 1}.get(dist, 2), ep.name)
 
 
 def load_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
@@ -70,9 +81,7 @@ def load_registry(extra_plugins: tuple[object, ...] = ()) -> Registry:
     pm = pluggy.PluginManager(PLUGIN_GROUP)
     pm.add_hookspecs(hookspecs)
     problems: list[str] = []
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=PLUGIN_GROUP):
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=_load_order):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
         try:
