@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
-from importlib.metadata import EntryPoint, entry_points
 from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
 
 import pluggy
 
