@@ -34,6 +34,7 @@ class ArchiveMemory:
     archive_id: str
     generation: int = 0
     seen_at: float = 0.0
+    identity: str = ""  # engine-defined fingerprint of the archive's key and suite
 
 
 class LocalState:
@@ -52,19 +53,27 @@ class LocalState:
         path = self._path(archive_id)
         try:
             doc = json.loads(path.read_text())
-            return ArchiveMemory(archive_id, int(doc["generation"]), float(doc["seen_at"]))
+            return ArchiveMemory(
+                archive_id,
+                int(doc["generation"]),
+                float(doc["seen_at"]),
+                str(doc.get("identity", "")),
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise QbhubError(f"local state {path} is unreadable ({exc}); move it aside") from None
 
-    def remember(self, archive_id: str, generation: int) -> None:
-        """Record `generation` as seen, unless a newer one is already recorded."""
+    def remember(self, archive_id: str, generation: int, identity: str = "") -> None:
+        """Record `generation` (and the archive's identity) as seen, keeping the newest."""
         known = self.recall(archive_id)
-        if known is not None and known.generation >= generation:
+        if known is not None and known.generation >= generation and known.identity == identity:
             return
+        if known is not None:
+            generation = max(generation, known.generation)
         path = self._path(archive_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"generation": generation, "seen_at": time.time()}))
+        doc = {"generation": generation, "seen_at": time.time(), "identity": identity}
+        tmp.write_text(json.dumps(doc))
         os.replace(tmp, path)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import blake3
+
 from qubes_backup_hub.errors import IntegrityError, NotFoundError, RollbackError, StoreError
 from qubes_backup_hub.state import LocalState
 from qubes_backup_hub.store.base import Store
@@ -27,6 +29,17 @@ from .tree import DEFAULT_FANOUT, decode_page
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_COMPRESSION_LEVEL = 3
+CONTEXT_FINGERPRINT = "qbhub 2026-11 v1 archive fingerprint"
+
+
+def archive_identity(suite: str, master: bytes) -> str:
+    """A one-way fingerprint of the suite and master key, remembered locally per archive ID.
+
+    It survives passphrase changes (the master key stays) and exposes nothing about the key.
+    """
+    return (
+        suite + ":" + blake3.blake3(master, derive_key_context=CONTEXT_FINGERPRINT).hexdigest()[:32]
+    )
 
 
 def utc_now() -> str:
@@ -120,7 +133,13 @@ class Repository:
         body = open_body(raw_header, sealed, Sealer(Keys.from_master(header.suite, master)))
         if not (MIN_CHUNK_SIZE <= body.chunk_size <= MAX_CHUNK_SIZE and 2 <= body.fanout <= 65535):
             raise IntegrityError("the archive root holds impossible chunk or fan-out sizes")
+        identity = archive_identity(header.suite, master)
         known = state.recall(header.archive_id)
+        if known is not None and known.identity and known.identity != identity:
+            raise IntegrityError(
+                f"archive {header.archive_id} is not the one this machine knows by that ID: its "
+                "key or encryption changed (a substituted archive?); refusing it"
+            )
         if known is not None and body.generation < known.generation:
             seen = datetime.fromtimestamp(known.seen_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
             raise RollbackError(
@@ -129,7 +148,7 @@ class Repository:
             )
         repo = cls(store, header, body, master, state, first_contact=known is None)
         repo._load_indexes()
-        state.remember(header.archive_id, body.generation)
+        state.remember(header.archive_id, body.generation, identity)
         return repo
 
     def _load_indexes(self) -> None:
@@ -141,7 +160,8 @@ class Repository:
         if not name.startswith("i") or len(name) != 65 or raw_length > MAX_INDEX_OBJECT:
             raise IntegrityError(f"the root lists a malformed index object {name!r}")
         index_id = bytes.fromhex(name[1:])
-        sealed = self.store.get(name, MAX_INDEX_OBJECT)
+        # A sealed index is never longer than its raw form + flag byte + sealing overhead.
+        sealed = self.store.get(name, raw_length + 1 + self.sealer.overhead)
         plain = self.codec.decode(BlobType.INDEX, index_id, sealed, raw_length)
         for pack, entries in decode_index(plain).items():
             into.add_pack(pack, entries)
@@ -189,7 +209,11 @@ class Repository:
         self.body.generation += 1
         self.body.updated = utc_now()
         self.store.put_root(encode_root(self.header, self.body, self.sealer))
-        self.state.remember(self.header.archive_id, self.body.generation)
+        self.state.remember(
+            self.header.archive_id,
+            self.body.generation,
+            archive_identity(self.header.suite, self._master),
+        )
         self.info.generation = self.body.generation
 
     def rewrap(self, new_passphrase: bytes) -> None:

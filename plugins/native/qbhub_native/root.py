@@ -20,6 +20,7 @@ from .crypto import Sealer
 
 ROOT_MAGIC = b"QBHUB-ROOT\n"
 ROOT_AAD_PREFIX = b"qbhub-root-v1"
+WRAPPED_KEY_HEX = 2 * (12 + 64 + 16)  # nonce, master key, tag
 SUPPORTED_FORMATS = (1,)
 
 
@@ -109,15 +110,33 @@ def split_root(data: bytes) -> tuple[bytes, RootHeader, bytes]:
             )
         header = RootHeader(
             archive_id=_hex_field(doc, "archive_id", 32),
-            suite=str(doc["suite"]),
+            suite=doc["suite"],
             kdf=doc.get("kdf"),
-            wrapped_key=doc.get("wrapped_key"),
-            clear_key=doc.get("clear_key"),
+            wrapped_key=_hex_field(doc, "wrapped_key", WRAPPED_KEY_HEX)
+            if "wrapped_key" in doc
+            else None,
+            clear_key=_hex_field(doc, "clear_key", 128) if "clear_key" in doc else None,
             format=fmt,
         )
+        _check_header_types(header)
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"the archive root header is malformed ({exc})") from None
     return raw_header, header, data[start + hlen :]
+
+
+def _check_header_types(header: RootHeader) -> None:
+    if not isinstance(header.suite, str):
+        raise IntegrityError("the archive root names no encryption suite")
+    kdf = header.kdf
+    if kdf is None:
+        return
+    if not (
+        isinstance(kdf, dict)
+        and isinstance(kdf.get("name"), str)
+        and all(isinstance(kdf.get(k), int) and not isinstance(kdf.get(k), bool) for k in "nrp")
+    ):
+        raise IntegrityError("the archive root holds malformed key-derivation parameters")
+    _hex_field(kdf, "salt", 32)
 
 
 def _hex_field(doc: dict[str, Any], key: str, length: int) -> str:

@@ -17,7 +17,7 @@ from qubes_backup_hub.progress import Progress
 
 from .blob import BlobType
 from .limits import MAX_PACK
-from .pack import PackEntry
+from .pack import FOOTER, PackEntry, pack_name, parse_trailer, trailer_location
 from .repository import Repository
 from .tree import ZERO_ID, Geometry, split_ids
 
@@ -113,7 +113,14 @@ def _sized(
 def _verify_pack(
     repo: Repository, name: str, entries: list[PackEntry], size: int
 ) -> tuple[int, int]:
-    data = memoryview(repo.store.get(name, MAX_PACK))
+    raw = repo.store.get(name, MAX_PACK)
+    if pack_name(raw) != name:
+        raise IntegrityError(f"pack {name} does not hash to its name (damaged or truncated)")
+    data = memoryview(raw)
+    offset, length = trailer_location(len(raw), raw[-FOOTER.size :], name)
+    listed = set(parse_trailer(repo.sealer, raw[offset : offset + length], name, len(raw)))
+    if not set(entries) <= listed:
+        raise IntegrityError(f"pack {name} does not hold what the index says it holds")
     for e in entries:
         raw = repo.codec.decode(
             e.type_code, e.blob_id, data[e.offset : e.offset + e.length], e.raw_length
