@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..directio import ALIGN, open_direct, write_direct
 from ..errors import StoreError
 from ..hookspecs import hookimpl
 from ..names import check_object_name
 from .base import Store, StoreType
 
 TMP_PREFIX = ".tmp-"
+DIRECT_MIN = 256 * 1024  # objects at least this large (packs) are written with O_DIRECT
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,15 +36,28 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomically(directory: Path, name: str, data: bytes | memoryview) -> None:
     tmp = directory / f"{TMP_PREFIX}{name}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fd = None
+    if len(data) >= DIRECT_MIN and len(data) % ALIGN == 0:  # packs: bypass the page cache
+        fd = open_direct(tmp, flags)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        if fd is not None:
+            try:
+                write_direct(fd, data)
+            except OSError:  # the filesystem accepted O_DIRECT at open but not at write
+                os.close(fd)
+                fd = None
+                tmp.unlink(missing_ok=True)
+        if fd is None:
+            fd = os.open(tmp, flags, 0o600)
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         os.fsync(fd)
     except BaseException:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)

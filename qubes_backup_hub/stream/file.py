@@ -7,6 +7,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from ..directio import ALIGN, is_aligned, open_direct
 from ..errors import NotFoundError, StoreError, UsageError
 from ..hookspecs import hookimpl
 from .base import VolumeStream
@@ -35,6 +36,8 @@ class FileVolumeStream(VolumeStream):
             raise UsageError(f"{path} is neither a regular file nor a block device")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        # Aligned reads bypass the page cache: cheaper, and they leave the VMs' cache alone.
+        self.direct_fd = open_direct(path, os.O_RDONLY)
 
     def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
         end = self.size if end is None else min(end, self.size)
@@ -60,21 +63,36 @@ class FileVolumeStream(VolumeStream):
             pos = hole
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
+        fd = self.fd
+        if self.direct_fd is not None and is_aligned(buf, offset):
+            fd = self.direct_fd
         view = memoryview(buf)
         total = 0
         while total < len(view):
             try:
-                n = os.preadv(self.fd, [view[total:]], offset + total)
+                n = os.preadv(fd, [view[total:]], offset + total)
             except OSError as exc:
+                if fd != self.fd and exc.errno == errno.EINVAL:  # O_DIRECT refused after all
+                    self._drop_direct()
+                    fd = self.fd
+                    continue
                 raise StoreError(
                     f"cannot read {self.path} at {offset + total}: {exc.strerror}"
                 ) from None
             if n == 0:
                 break
             total += n
+            if fd != self.fd and total % ALIGN:  # a short direct read: finish buffered
+                fd = self.fd
         return total
 
+    def _drop_direct(self) -> None:
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+
     def close(self) -> None:
+        self._drop_direct()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from qubes_backup_hub.directio import BufferPool
 from qubes_backup_hub.engine import VolumeSource
 from qubes_backup_hub.errors import QbhubError
 from qubes_backup_hub.progress import Progress
@@ -20,7 +21,7 @@ from qubes_backup_hub.stream.base import VolumeStream
 
 from .blob import BlobType
 from .repository import Repository
-from .scan import ChunkRanges, data_chunk_ranges, scan_ranges, windows
+from .scan import WINDOW_CHUNKS, ChunkRanges, data_chunk_ranges, scan_ranges, windows
 from .session import VolumeRecord
 from .tree import ID_BYTES, ZERO_ID, Geometry, build_upper, encode_page, leaf_ids
 from .writer import BlobWriter
@@ -52,6 +53,7 @@ class VolumeBackup:
         self.pool = pool
         self.progress = progress
         self.max_in_flight = max_in_flight
+        self.buffers = BufferPool(WINDOW_CHUNKS * repo.body.chunk_size)
 
     def run(
         self, source: VolumeSource, stream: VolumeStream, previous: VolumeRecord | None
@@ -122,11 +124,18 @@ class VolumeBackup:
         c = geometry.chunk_size
         offset = first * c
         length = min(count * c, geometry.size - offset)
-        buf = bytearray(length)
-        got = stream.read_into(buf, offset)
-        if got != length:
-            raise QbhubError(f"volume shrank while being read (short read at offset {offset})")
-        view = memoryview(buf)
+        buf = self.buffers.take()
+        view = memoryview(buf)[:length]
+        try:
+            if stream.read_into(view, offset) != length:
+                raise QbhubError(f"volume shrank while being read (short read at offset {offset})")
+            return WindowResult(first, length, self._chunks(view, first, count, c))
+        finally:
+            view.release()
+            self.buffers.give(buf)
+
+    def _chunks(self, view: memoryview, first: int, count: int, c: int) -> list[ChunkResult]:
+        """Zero-test, hash and (if new) seal each chunk of one window."""
         sealer, codec, writer = self.repo.sealer, self.repo.codec, self.writer
         zero = bytes(c)
         out: list[ChunkResult] = []
@@ -138,7 +147,7 @@ class VolumeBackup:
             blob_id = sealer.blob_id(BlobType.DATA, piece)
             sealed = None if writer.known(blob_id) else codec.encode(BlobType.DATA, blob_id, piece)
             out.append((first + k, blob_id, sealed, len(piece)))
-        return WindowResult(first, length, out)
+        return out
 
 
 class LeafAssembler:

@@ -80,6 +80,10 @@ class BlobCodec:
             raw = bytes(payload)
         elif flag == ZSTD:
             try:
+                # A frame that declares its size would make zstd allocate that size: refuse first.
+                declared = zstandard.frame_content_size(payload)
+                if declared not in (-1, raw_length):
+                    raise IntegrityError(f"{what} declares {declared} bytes, expected {raw_length}")
                 raw = self._decompressor().decompress(payload, max_output_size=raw_length)
             except zstandard.ZstdError as exc:
                 raise IntegrityError(f"{what} does not decompress: {exc}") from None

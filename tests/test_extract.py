@@ -1,0 +1,212 @@
+"""tools/qbhub-extract, the standalone emergency extractor, against archives the engine made.
+
+The extractor runs as `python -I tools/qbhub-extract` with an empty PYTHONPATH, and its source
+must not import qbhub: it has to work with only Python, cryptography, zstandard and blake3.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CHUNK, PASSPHRASE, Qbhub, rewrite_blocks
+
+EXTRACT = Path(__file__).resolve().parent.parent / "tools" / "qbhub-extract"
+
+
+def extract(*args: str | Path, passphrase: str | None = PASSPHRASE,
+            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
+    """Run the extractor isolated from qbhub: `python -I`, empty PYTHONPATH, no QBHUB_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QBHUB_", "PYTHON"))}
+    env["PYTHONPATH"] = ""
+    if passphrase is not None:
+        env["QBHUB_PASSPHRASE"] = passphrase
+    return subprocess.run(
+        [sys.executable, "-I", *flags, str(EXTRACT), *map(str, args)],
+        capture_output=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
+    """Assert the extractor succeeded silently on stderr."""
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b""
+    return proc
+
+
+def one_error_line(proc: subprocess.CompletedProcess[bytes], code: int) -> str:
+    """Assert the run failed with `code` and exactly one `qbhub-extract: error:` line."""
+    err = proc.stderr.decode()
+    assert proc.returncode == code, err
+    assert err.startswith("qbhub-extract: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def backup(qbhub: Qbhub, archive: Path, *volumes: str) -> Any:
+    """One backup session of `volumes` (PATH=NAME), returning the parsed JSON result."""
+    return qbhub.json("volume", "backup", "--dest", archive, *volumes)
+
+
+def test_extractor_is_standalone() -> None:
+    source = EXTRACT.read_text()
+    assert source.startswith("#!/usr/bin/env python3\n")
+    assert os.access(EXTRACT, os.X_OK)
+    for name in ("qubes_backup_hub", "qbhub_native"):
+        assert name not in source
+
+
+def test_imports_nothing_from_qbhub(qbhub: Qbhub, archive: Path, image_factory) -> None:
+    backup(qbhub, archive, f"{image_factory(blocks=4)}=disk")
+    proc = extract(archive, "--list", flags=("-X", "importtime"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    modules = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()
+               if line.startswith("import time:")]
+    assert "blake3" in modules and "zstandard" in modules
+    assert not [m for m in modules if m.split(".")[0] in ("qubes_backup_hub", "qbhub_native")]
+
+
+def test_full_session_bit_exact(tmp_path: Path, qbhub: Qbhub, archive: Path,
+                                image_factory) -> None:
+    disk, other = image_factory(blocks=96, seed=3), image_factory(blocks=20, seed=4)
+    backup(qbhub, archive, f"{disk}=disk", f"{other}=private")
+    for name, image in (("disk", disk), ("private", other)):
+        out = tmp_path / f"{name}.out"
+        ok(extract(archive, name, out))
+        assert out.read_bytes() == image.read_bytes()
+    streamed = ok(extract(archive, "disk", "-")).stdout
+    assert streamed == disk.read_bytes()
+
+
+def test_older_session_after_incremental(tmp_path: Path, qbhub: Qbhub, archive: Path,
+                                         image_factory) -> None:
+    image = image_factory(blocks=80, seed=5)
+    first_bytes = image.read_bytes()
+    first = backup(qbhub, archive, f"{image}=disk")
+    rewrite_blocks(image, [0, 41, 79])
+    second = backup(qbhub, archive, f"{image}=disk")
+    assert second["volumes"][0]["chunks_new"] == 3
+    newest, older = tmp_path / "newest.img", tmp_path / "older.img"
+    ok(extract(archive, "disk", newest))
+    assert newest.read_bytes() == image.read_bytes()
+    ok(extract(archive, "disk", older, "--session", first["session"]))
+    assert older.read_bytes() == first_bytes
+    ok(extract(archive, "--session", second["session"], "disk", tmp_path / "second.img"))
+    assert (tmp_path / "second.img").read_bytes() == image.read_bytes()
+
+
+def test_sparse_volume_restores_sparse(tmp_path: Path, qbhub: Qbhub, archive: Path,
+                                       image_factory) -> None:
+    image = image_factory(blocks=200, seed=6, zero_fraction=0.7, holes=True)
+    data = image.read_bytes()
+    nonzero = sum(1 for i in range(0, len(data), CHUNK) if data[i:i + CHUNK].strip(b"\0"))
+    assert nonzero < 100
+    backup(qbhub, archive, f"{image}=sparse")
+    out = tmp_path / "sparse.out"
+    ok(extract(archive, "sparse", out))
+    assert out.read_bytes() == data
+    if image.stat().st_blocks * 512 >= len(data):
+        pytest.skip("this filesystem does not keep files sparse")
+    assert out.stat().st_blocks * 512 <= nonzero * CHUNK + CHUNK
+
+
+@pytest.mark.parametrize("blocks, tail", [(0, b""), (0, b"x"), (3, b"odd tail" * 1000),
+                                          (257, b"!")])
+def test_odd_sizes(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory,
+                   blocks: int, tail: bytes) -> None:
+    image = image_factory(blocks=blocks, seed=7, tail=tail)
+    size = image.stat().st_size
+    backup(qbhub, archive, f"{image}=odd")
+    out = tmp_path / "odd.out"
+    ok(extract(archive, "odd", out))
+    assert out.stat().st_size == size
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_encryption_off_needs_no_passphrase(tmp_path: Path, qbhub: Qbhub,
+                                            image_factory) -> None:
+    archive = tmp_path / "clear"
+    qbhub.run("init", "--dest", archive, "--encryption", "off", "--chunk-size", "16384")
+    image = image_factory(blocks=30, seed=8, tail=b"tail")
+    backup(qbhub, archive, f"{image}=clear")
+    out = tmp_path / "clear.out"
+    ok(extract(archive, "clear", out, passphrase=None))
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_wrong_passphrase_exits_5(tmp_path: Path, qbhub: Qbhub, archive: Path,
+                                  image_factory) -> None:
+    backup(qbhub, archive, f"{image_factory(blocks=4)}=disk")
+    out = tmp_path / "out.img"
+    err = one_error_line(extract(archive, "disk", out, passphrase="wrong"), 5)
+    assert "passphrase" in err
+    one_error_line(extract(archive, "disk", out, passphrase=None), 5)
+    assert not out.exists()
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip the lowest bit of the byte at `offset` of `path`."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def largest(paths: Callable[[], list[Path]]) -> Path:
+    """The largest of some files."""
+    return max(paths(), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("target", ["pack", "pack-middle", "index", "root"])
+def test_damage_is_detected_and_leaves_no_output(tmp_path: Path, qbhub: Qbhub, archive: Path,
+                                                 image_factory, target: str) -> None:
+    image = image_factory(blocks=64, seed=9, zero_fraction=0.0)
+    backup(qbhub, archive, f"{image}=disk")
+    packs = largest(lambda: list(archive.glob("objects/*/p*")))
+    if target == "pack":
+        flip_bit(packs, 10)
+    elif target == "pack-middle":
+        flip_bit(packs, packs.stat().st_size // 2)
+    elif target == "index":
+        flip_bit(largest(lambda: list(archive.glob("objects/*/i*"))), 40)
+    else:
+        flip_bit(archive / "root", (archive / "root").stat().st_size - 5)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    one_error_line(extract(archive, "disk", outdir / "disk.img"), 3)
+    assert list(outdir.iterdir()) == []
+    one_error_line(extract(archive, "disk", "-"), 3)
+
+
+def test_list_names_the_volumes(qbhub: Qbhub, archive: Path, image_factory) -> None:
+    one, two = image_factory(blocks=3, tail=b"abc"), image_factory(blocks=2, seed=2)
+    first = backup(qbhub, archive, f"{one}=work", f"{two}=vault")
+    second = backup(qbhub, archive, f"{two}=vault")
+    listing = ok(extract(archive, "--list")).stdout.decode()
+    assert listing.index(first["session"]) < listing.index(second["session"])
+    for name, image in (("work", one), ("vault", two)):
+        assert f"{name}  {image.stat().st_size}" in listing
+    only_work = ok(extract(archive, "--list", "work")).stdout.decode()
+    assert first["session"] in only_work and second["session"] not in only_work
+
+
+def test_refusals(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory) -> None:
+    image = image_factory(blocks=5)
+    backup(qbhub, archive, f"{image}=disk")
+    out = tmp_path / "exists.img"
+    out.write_bytes(b"keep me")
+    one_error_line(extract(archive, "disk", out), 1)
+    assert out.read_bytes() == b"keep me"
+    ok(extract(archive, "disk", out, "--force"))
+    assert out.read_bytes() == image.read_bytes()
+    one_error_line(extract(archive, "nosuch", tmp_path / "x.img"), 1)
+    one_error_line(extract(archive, "disk", tmp_path / "x.img", "--session", "20000101T000000Z"),
+                   1)
+    one_error_line(extract(archive, "disk"), 2)
+    one_error_line(extract(archive, "disk", "out", "--bogus"), 2)
+    one_error_line(extract(tmp_path / "not-an-archive", "disk", tmp_path / "x.img"), 1)
+    assert not (tmp_path / "x.img").exists()
