@@ -33,15 +33,17 @@ CAPABILITIES = {
 class VolumeSource:
     """One volume to back up: its name in the archive and the view to read it from.
 
-    `changed_ranges` lists (offset, length) byte ranges that may differ from the previous
-    session's copy of this volume; None means unknown (scan everything). `provider` names the
-    snapshot provider that produced the view, for reporting.
+    `changed_ranges` lists (offset, length) byte ranges that may differ from this volume's copy
+    in session `base_session` (the session the snapshot provider last committed); None means
+    unknown. The engine trusts the ranges only if `base_session` is still the newest session
+    holding the volume; otherwise it scans everything. `provider` names the snapshot provider.
     """
 
     name: str
     path: str
     changed_ranges: list[tuple[int, int]] | None = None
     provider: str = "plain"
+    base_session: str | None = None
 
 
 @dataclass

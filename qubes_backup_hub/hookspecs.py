@@ -65,10 +65,12 @@ def qbhub_snapshot_provider(volume: VolumeRef) -> SnapshotProvider | None:
 
     Called once per volume at the start of a backup; the first non-None answer wins, so
     specialised providers (reflink, LVM thin) should be registered with ``tryfirst=True``. The
-    provider's ``take()`` returns a consistent view and the byte ranges changed since the view kept
+    provider's ``take()`` returns a consistent view, the byte ranges changed since the view kept
     from the previous backup of the same volume to the same archive (None when unknown: the engine
-    then scans the whole volume). ``commit()`` keeps the view for next time after the session is
-    committed; ``abort()`` drops it when the session fails. A provider that cannot trust its kept
+    then scans the whole volume), and the ID of the session that kept view belongs to; the engine
+    trusts the ranges only if that session is still the volume's newest. ``commit(session_id)``
+    keeps the view for next time after the session is committed; ``abort()`` drops it when the
+    session fails. A provider that cannot trust its kept
     view (missing, damaged, other archive, size changed) must report None, never a guess.
     """
 

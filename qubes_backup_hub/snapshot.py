@@ -22,6 +22,7 @@ class SnapshotView:
     path: str
     changed_ranges: list[tuple[int, int]] | None
     provider: str
+    base_session: str | None = None  # the session the changed ranges are relative to
 
 
 class SnapshotProvider(ABC):
@@ -33,8 +34,8 @@ class SnapshotProvider(ABC):
     def take(self) -> SnapshotView:
         """Make the view (and compute changed ranges against the kept view, if any)."""
 
-    def commit(self) -> None:  # noqa: B027 - optional hook point, default does nothing
-        """Keep the view for the next backup; called after the session is committed."""
+    def commit(self, session_id: str) -> None:  # noqa: B027 - optional, default does nothing
+        """Keep the view for the next backup, as the state of session `session_id`."""
 
     def abort(self) -> None:  # noqa: B027 - optional hook point, default does nothing
         """Drop the view; called when the session failed."""

@@ -38,12 +38,21 @@ class Qbhub:
     home: Path
     env: dict[str, str]
 
-    def run(self, *args: str | Path, check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 300) -> Result:
+    def run(
+        self,
+        *args: str | Path,
+        check: bool = True,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> Result:
         full_env = {**self.env, **(env or {})}
         proc = subprocess.run(
             [sys.executable, "-m", "qubes_backup_hub", *map(str, args)],
-            capture_output=True, text=True, env=full_env, timeout=timeout, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=full_env,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
         result = Result(proc.returncode, proc.stdout, proc.stderr)
         if check and proc.returncode != 0:
@@ -65,8 +74,15 @@ def qbhub(tmp_path: Path) -> Qbhub:
     return Qbhub(home, env)
 
 
-def write_image(path: Path, blocks: int, seed: int = 1, *, zero_fraction: float = 0.3,
-                holes: bool = False, tail: bytes = b"") -> Path:
+def write_image(
+    path: Path,
+    blocks: int,
+    seed: int = 1,
+    *,
+    zero_fraction: float = 0.3,
+    holes: bool = False,
+    tail: bytes = b"",
+) -> Path:
     """A volume image of `blocks` 64 KiB blocks: random, text-like and zero blocks, seeded."""
     rng = random.Random(seed)
     with open(path, "wb") as f:
@@ -80,8 +96,10 @@ def write_image(path: Path, blocks: int, seed: int = 1, *, zero_fraction: float 
             elif k < zero_fraction + 0.35:
                 f.write(rng.randbytes(CHUNK))
             else:
-                words = [rng.choice(["qubes", "backup", "hub", "dom0", str(rng.randint(0, 9999))])
-                         for _ in range(CHUNK // 4)]
+                words = [
+                    rng.choice(["qubes", "backup", "hub", "dom0", str(rng.randint(0, 9999))])
+                    for _ in range(CHUNK // 4)
+                ]
                 f.write(" ".join(words).encode()[:CHUNK].ljust(CHUNK, b"."))
         f.write(tail)
         f.truncate(f.tell())

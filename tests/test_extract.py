@@ -19,8 +19,9 @@ from conftest import CHUNK, PASSPHRASE, Qbhub, rewrite_blocks
 EXTRACT = Path(__file__).resolve().parent.parent / "tools" / "qbhub-extract"
 
 
-def extract(*args: str | Path, passphrase: str | None = PASSPHRASE,
-            flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
+def extract(
+    *args: str | Path, passphrase: str | None = PASSPHRASE, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[bytes]:
     """Run the extractor isolated from qbhub: `python -I`, empty PYTHONPATH, no QBHUB_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QBHUB_", "PYTHON"))}
     env["PYTHONPATH"] = ""
@@ -28,7 +29,10 @@ def extract(*args: str | Path, passphrase: str | None = PASSPHRASE,
         env["QBHUB_PASSPHRASE"] = passphrase
     return subprocess.run(
         [sys.executable, "-I", *flags, str(EXTRACT), *map(str, args)],
-        capture_output=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -65,14 +69,16 @@ def test_imports_nothing_from_qbhub(qbhub: Qbhub, archive: Path, image_factory) 
     backup(qbhub, archive, f"{image_factory(blocks=4)}=disk")
     proc = extract(archive, "--list", flags=("-X", "importtime"))
     assert proc.returncode == 0, proc.stderr.decode()
-    modules = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.decode().splitlines()
-               if line.startswith("import time:")]
+    modules = [
+        line.rsplit("|", 1)[-1].strip()
+        for line in proc.stderr.decode().splitlines()
+        if line.startswith("import time:")
+    ]
     assert "blake3" in modules and "zstandard" in modules
     assert not [m for m in modules if m.split(".")[0] in ("qubes_backup_hub", "qbhub_native")]
 
 
-def test_full_session_bit_exact(tmp_path: Path, qbhub: Qbhub, archive: Path,
-                                image_factory) -> None:
+def test_full_session_bit_exact(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory) -> None:
     disk, other = image_factory(blocks=96, seed=3), image_factory(blocks=20, seed=4)
     backup(qbhub, archive, f"{disk}=disk", f"{other}=private")
     for name, image in (("disk", disk), ("private", other)):
@@ -83,8 +89,9 @@ def test_full_session_bit_exact(tmp_path: Path, qbhub: Qbhub, archive: Path,
     assert streamed == disk.read_bytes()
 
 
-def test_older_session_after_incremental(tmp_path: Path, qbhub: Qbhub, archive: Path,
-                                         image_factory) -> None:
+def test_older_session_after_incremental(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory
+) -> None:
     image = image_factory(blocks=80, seed=5)
     first_bytes = image.read_bytes()
     first = backup(qbhub, archive, f"{image}=disk")
@@ -100,11 +107,12 @@ def test_older_session_after_incremental(tmp_path: Path, qbhub: Qbhub, archive: 
     assert (tmp_path / "second.img").read_bytes() == image.read_bytes()
 
 
-def test_sparse_volume_restores_sparse(tmp_path: Path, qbhub: Qbhub, archive: Path,
-                                       image_factory) -> None:
+def test_sparse_volume_restores_sparse(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory
+) -> None:
     image = image_factory(blocks=200, seed=6, zero_fraction=0.7, holes=True)
     data = image.read_bytes()
-    nonzero = sum(1 for i in range(0, len(data), CHUNK) if data[i:i + CHUNK].strip(b"\0"))
+    nonzero = sum(1 for i in range(0, len(data), CHUNK) if data[i : i + CHUNK].strip(b"\0"))
     assert nonzero < 100
     backup(qbhub, archive, f"{image}=sparse")
     out = tmp_path / "sparse.out"
@@ -115,10 +123,12 @@ def test_sparse_volume_restores_sparse(tmp_path: Path, qbhub: Qbhub, archive: Pa
     assert out.stat().st_blocks * 512 <= nonzero * CHUNK + CHUNK
 
 
-@pytest.mark.parametrize("blocks, tail", [(0, b""), (0, b"x"), (3, b"odd tail" * 1000),
-                                          (257, b"!")])
-def test_odd_sizes(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory,
-                   blocks: int, tail: bytes) -> None:
+@pytest.mark.parametrize(
+    "blocks, tail", [(0, b""), (0, b"x"), (3, b"odd tail" * 1000), (257, b"!")]
+)
+def test_odd_sizes(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory, blocks: int, tail: bytes
+) -> None:
     image = image_factory(blocks=blocks, seed=7, tail=tail)
     size = image.stat().st_size
     backup(qbhub, archive, f"{image}=odd")
@@ -128,8 +138,7 @@ def test_odd_sizes(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory,
     assert out.read_bytes() == image.read_bytes()
 
 
-def test_encryption_off_needs_no_passphrase(tmp_path: Path, qbhub: Qbhub,
-                                            image_factory) -> None:
+def test_encryption_off_needs_no_passphrase(tmp_path: Path, qbhub: Qbhub, image_factory) -> None:
     archive = tmp_path / "clear"
     qbhub.run("init", "--dest", archive, "--encryption", "off", "--chunk-size", "16384")
     image = image_factory(blocks=30, seed=8, tail=b"tail")
@@ -139,8 +148,9 @@ def test_encryption_off_needs_no_passphrase(tmp_path: Path, qbhub: Qbhub,
     assert out.read_bytes() == image.read_bytes()
 
 
-def test_wrong_passphrase_exits_5(tmp_path: Path, qbhub: Qbhub, archive: Path,
-                                  image_factory) -> None:
+def test_wrong_passphrase_exits_5(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory
+) -> None:
     backup(qbhub, archive, f"{image_factory(blocks=4)}=disk")
     out = tmp_path / "out.img"
     err = one_error_line(extract(archive, "disk", out, passphrase="wrong"), 5)
@@ -162,8 +172,9 @@ def largest(paths: Callable[[], list[Path]]) -> Path:
 
 
 @pytest.mark.parametrize("target", ["pack", "pack-middle", "index", "root"])
-def test_damage_is_detected_and_leaves_no_output(tmp_path: Path, qbhub: Qbhub, archive: Path,
-                                                 image_factory, target: str) -> None:
+def test_damage_is_detected_and_leaves_no_output(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory, target: str
+) -> None:
     image = image_factory(blocks=64, seed=9, zero_fraction=0.0)
     backup(qbhub, archive, f"{image}=disk")
     packs = largest(lambda: list(archive.glob("objects/*/p*")))
@@ -204,8 +215,7 @@ def test_refusals(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory) ->
     ok(extract(archive, "disk", out, "--force"))
     assert out.read_bytes() == image.read_bytes()
     one_error_line(extract(archive, "nosuch", tmp_path / "x.img"), 1)
-    one_error_line(extract(archive, "disk", tmp_path / "x.img", "--session", "20000101T000000Z"),
-                   1)
+    one_error_line(extract(archive, "disk", tmp_path / "x.img", "--session", "20000101T000000Z"), 1)
     one_error_line(extract(archive, "disk"), 2)
     one_error_line(extract(archive, "disk", "out", "--bogus"), 2)
     one_error_line(extract(tmp_path / "not-an-archive", "disk", tmp_path / "x.img"), 1)

@@ -128,7 +128,10 @@ def run_measured(q: Qbhub, *args: str | Path, timeout: float = 120) -> tuple[Res
         start = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "qubes_backup_hub", *map(str, args)],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=q.env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=q.env,
         )
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
@@ -261,8 +264,14 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> World:
     out = top / "out"
     out.mkdir()
     return World(
-        archive, q, out, images, (packs1, packs2), (indexes1, indexes2),
-        root_after_first, top / "archive-after-1",
+        archive,
+        q,
+        out,
+        images,
+        (packs1, packs2),
+        (indexes1, indexes2),
+        root_after_first,
+        top / "archive-after-1",
     )
 
 
@@ -273,7 +282,9 @@ def world(base: World, tmp_path: Path) -> World:
     shutil.copytree(base.qbhub.home, tmp_path / "home")
     (tmp_path / "out").mkdir()
     return dataclasses.replace(
-        base, archive=tmp_path / "archive", qbhub=make_qbhub(tmp_path / "home"),
+        base,
+        archive=tmp_path / "archive",
+        qbhub=make_qbhub(tmp_path / "home"),
         out=tmp_path / "out",
     )
 
@@ -536,9 +547,7 @@ def test_bit_flip_in_root_is_a_clean_error(world: World, where: str) -> None:
     assert_one_line_error(world.cli("list", "--dest", world.archive), codes)
 
 
-def test_unencrypted_root_cannot_replace_an_encrypted_archive(
-    world: World, tmp_path: Path
-) -> None:
+def test_unencrypted_root_cannot_replace_an_encrypted_archive(world: World, tmp_path: Path) -> None:
     """Storage forges an `--encryption off` root (key in the clear) under this archive's ID.
 
     It needs no passphrase to do so; its generation is higher than any seen, and its sessions

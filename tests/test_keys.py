@@ -81,8 +81,16 @@ class Keyed:
     def restore(self, target: Path, q: Qbhub | None = None, **kwargs: Any) -> Result:
         runner = q or self.qbhub
         return runner.run(
-            "volume", "restore", "--dest", self.archive, VOLUME, "--to", target, "--json",
-            check=False, **kwargs,
+            "volume",
+            "restore",
+            "--dest",
+            self.archive,
+            VOLUME,
+            "--to",
+            target,
+            "--json",
+            check=False,
+            **kwargs,
         )
 
 
@@ -127,7 +135,16 @@ def test_archive_and_passphrase_are_all_a_restore_needs(
         env = {"QBHUB_PASSPHRASE": ""}
     target = keyed.out / "restored.img"
     result = other.run(
-        "volume", "restore", "--dest", moved, VOLUME, "--to", target, "--json", *args, env=env,
+        "volume",
+        "restore",
+        "--dest",
+        moved,
+        VOLUME,
+        "--to",
+        target,
+        "--json",
+        *args,
+        env=env,
     )
     assert target.read_bytes() == keyed.image.read_bytes()
     assert result.json["first_contact"] is True
@@ -160,7 +177,10 @@ def test_change_passphrase_rewraps_and_reencrypts_nothing(keyed: Keyed, tmp_path
     before_objects = object_snapshot(keyed.archive)
     before = root_header(keyed.archive)
     keyed.qbhub.run(
-        "key", "change-passphrase", "--dest", keyed.archive,
+        "key",
+        "change-passphrase",
+        "--dest",
+        keyed.archive,
         env={"QBHUB_NEW_PASSPHRASE": NEW_PASSPHRASE},
     )
     assert object_snapshot(keyed.archive) == before_objects, "objects were rewritten"
@@ -210,7 +230,8 @@ def test_archives_never_share_keys(keyed: Keyed, tmp_path: Path) -> None:
     body = root[len(ROOT_MAGIC) + 4 + hlen :]
     raw = json.dumps(
         {**a, "kdf": b["kdf"], "wrapped_key": b["wrapped_key"]},
-        sort_keys=True, separators=(",", ":"),
+        sort_keys=True,
+        separators=(",", ":"),
     ).encode()
     (keyed.archive / "root").write_bytes(ROOT_MAGIC + struct.pack("<I", len(raw)) + raw + body)
     result = keyed.qbhub.run("list", "--dest", keyed.archive, check=False)

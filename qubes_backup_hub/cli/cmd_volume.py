@@ -58,14 +58,16 @@ def backup(
             provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
             providers.append(provider)
             view = provider.take()
-            sources.append(VolumeSource(name, view.path, view.changed_ranges, view.provider))
+            sources.append(
+                VolumeSource(name, view.path, view.changed_ranges, view.provider, view.base_session)
+            )
         result = eng.backup(store, sources)
     except BaseException:
         for provider in providers:
             provider.abort()
         raise
     for provider in providers:
-        provider.commit()
+        provider.commit(result["session"])
     state.emit(result, fmt.backup_text)
 
 

@@ -59,6 +59,13 @@ class Store(ABC):
     def lock(self) -> AbstractContextManager[None]:
         """Hold the archive for one writer; raise StoreError at once if another holds it."""
 
+    def remove_partial_uploads(self) -> int:
+        """Delete debris of interrupted writes (never visible objects); return how many.
+
+        Only call while holding `lock()`. The default store has none to remove.
+        """
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional: most stores hold nothing open
         """Release connections; the store is not used afterwards."""
 

@@ -185,6 +185,15 @@ class LocalDirStore(Store):
         except OSError as exc:
             raise self._io("cannot write the root", exc) from exc
 
+    def remove_partial_uploads(self) -> int:
+        removed = 0
+        directories = [self.path, *(p for p in (self.path / "objects").iterdir() if p.is_dir())]
+        for directory in directories:
+            for tmp in directory.glob(f"{TMP_PREFIX}*"):
+                tmp.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         try:

@@ -34,15 +34,15 @@ def new_session_id(repo: Repository) -> str:
     return candidate
 
 
-def previous_volumes(repo: Repository, names: set[str]) -> dict[str, VolumeRecord]:
-    """For each name, its record in the newest session holding it (reading records newest first)."""
-    found: dict[str, VolumeRecord] = {}
+def previous_volumes(repo: Repository, names: set[str]) -> dict[str, tuple[str, VolumeRecord]]:
+    """For each name, (session ID, record) in the newest session holding it."""
+    found: dict[str, tuple[str, VolumeRecord]] = {}
     for ref in reversed(repo.body.sessions):
         if len(found) == len(names):
             break
         for volume in repo.session_record(ref).volumes:
             if volume.name in names and volume.name not in found:
-                found[volume.name] = volume
+                found[volume.name] = (ref.session_id, volume)
     return found
 
 
@@ -62,6 +62,7 @@ def run_session(
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     session_id = new_session_id(repo)
     previous = previous_volumes(repo, set(names))
+    repo.store.remove_partial_uploads()  # we hold the lock: no other writer is mid-upload
     writer = BlobWriter(repo)
     referenced = {loc.pack for _, loc in repo.index.items()}
     writer.reuse_orphan_packs(referenced)
@@ -79,7 +80,8 @@ def run_session(
                 if stream is None:
                     raise UsageError(f"no installed stream plugin can read {source.path}")
                 with stream:
-                    records.append(volume_backup.run(source, stream, previous.get(source.name)))
+                    base_session, base = previous.get(source.name, (None, None))
+                    records.append(volume_backup.run(source, stream, base, base_session))
         record = SessionRecord(
             session_id=session_id,
             started=started,

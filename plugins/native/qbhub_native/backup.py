@@ -56,8 +56,13 @@ class VolumeBackup:
         self.buffers = BufferPool(WINDOW_CHUNKS * repo.body.chunk_size)
 
     def run(
-        self, source: VolumeSource, stream: VolumeStream, previous: VolumeRecord | None
+        self,
+        source: VolumeSource,
+        stream: VolumeStream,
+        previous: VolumeRecord | None,
+        previous_session: str | None = None,
     ) -> VolumeRecord:
+        """Back up one volume; `previous` is its record in `previous_session`, its newest."""
         body = self.repo.body
         geometry = Geometry(stream.size, body.chunk_size, body.fanout)
         reusable = (
@@ -66,7 +71,12 @@ class VolumeBackup:
             and previous.fanout == geometry.fanout
             and previous.size == geometry.size
         )
-        changed_mode = reusable and source.changed_ranges is not None
+        changed_mode = (
+            reusable
+            and source.changed_ranges is not None
+            and source.base_session is not None
+            and source.base_session == previous_session
+        )
         ranges = ChunkRanges(scan_ranges(geometry, source.changed_ranges if changed_mode else None))
         previous_leaves = (
             leaf_ids(previous.tree_id, geometry, self.repo.load_page)

@@ -108,7 +108,7 @@ def prune_archive(
         progress.finish()
     repo.index = kept
     referenced = set(kept.by_pack()) | {n for n, _ in repo.body.indexes}
-    deleted = 0
+    deleted = repo.store.remove_partial_uploads()
     for name, _size in list(repo.store.list()):
         if name not in referenced:
             repo.store.delete(name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from qubes_backup_hub.errors import QbhubError
+from qubes_backup_hub.errors import QbhubError, StoreError
 
 from .blob import BlobType
 from .index import Index, encode_index
@@ -143,6 +143,17 @@ def store_index(repo: Repository, packs: dict[str, list[PackEntry]]) -> tuple[st
     plain = encode_index(packs)
     index_id = repo.sealer.blob_id(BlobType.INDEX, plain)
     name = "i" + index_id.hex()
+    if name in {n for n, _ in repo.body.indexes}:  # the same index is already committed
+        return name, len(plain), 0
     sealed = repo.codec.encode(BlobType.INDEX, index_id, plain)
-    repo.store.put(name, sealed)
+    try:
+        repo.store.put(name, sealed)
+    except StoreError:
+        # Left by an interrupted run? Keep it if it authenticates, else replace it.
+        try:
+            existing = repo.store.get(name, len(sealed))
+            repo.codec.decode(BlobType.INDEX, index_id, existing, len(plain))
+        except QbhubError:
+            repo.store.delete(name)
+            repo.store.put(name, sealed)
     return name, len(plain), len(sealed)
