@@ -22,7 +22,7 @@ def aligned_buffer(size: int) -> mmap.mmap:
     return mmap.mmap(-1, max(size, 1))
 
 
-def is_aligned(buf: bytearray | memoryview | mmap.mmap, offset: int) -> bool:
+def is_aligned(buf: bytes | bytearray | memoryview | mmap.mmap, offset: int) -> bool:
     """True if `buf` starts on a 4 KiB boundary, and its length and `offset` are multiples of it."""
     if offset % ALIGN or len(buf) % ALIGN or not len(buf):
         return False
@@ -44,18 +44,27 @@ def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> 
         return None
 
 
-def write_direct(fd: int, data: bytes | memoryview) -> None:
-    """Write all of `data` (length a multiple of ALIGN) through an O_DIRECT descriptor."""
+def write_direct(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of `data` (length a multiple of ALIGN) through an O_DIRECT descriptor.
+
+    Data already in an aligned buffer is written as it is; anything else is copied into one.
+    """
+    if is_aligned(data, 0):
+        _write_all(fd, memoryview(data))
+        return
     buf = aligned_buffer(len(data))
     try:
         buf[:] = data
-        view = memoryview(buf)
-        done = 0
-        while done < len(data):
-            done += os.write(fd, view[done:])
-        view.release()
+        with memoryview(buf) as view:
+            _write_all(fd, view)
     finally:
         buf.close()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        done += os.write(fd, view[done:])
 
 
 class BufferPool:
@@ -73,3 +82,47 @@ class BufferPool:
 
     def give(self, buf: mmap.mmap) -> None:
         self._free.put(buf)
+
+
+class OffsetWriter:
+    """Writes runs of bytes at file offsets, through O_DIRECT wherever a run is aligned.
+
+    `fd` is an ordinary descriptor of the file; `direct_fd` (or None) an O_DIRECT one. Unaligned
+    runs, and the unaligned tail of a run, go through `fd`. Safe to call from several threads.
+    """
+
+    def __init__(self, fd: int, direct_fd: int | None, run_size: int = 8 << 20) -> None:
+        self.fd = fd
+        self.direct_fd = direct_fd
+        self.buffers = BufferPool(run_size)
+
+    def write(self, offset: int, pieces: list[bytes]) -> None:
+        """Write the concatenation of `pieces` at `offset`."""
+        total = sum(len(p) for p in pieces)
+        aligned = total - total % ALIGN
+        if self.direct_fd is None or offset % ALIGN or not aligned or total > self.buffers.size:
+            self._buffered(offset, pieces)
+            return
+        buf = self.buffers.take()
+        try:
+            pos = 0
+            for piece in pieces:
+                buf[pos : pos + len(piece)] = piece
+                pos += len(piece)
+            with memoryview(buf) as view:
+                self._pwrite_all(self.direct_fd, view[:aligned], offset)
+                if aligned < total:
+                    self._pwrite_all(self.fd, view[aligned:total], offset + aligned)
+        finally:
+            self.buffers.give(buf)
+
+    def _buffered(self, offset: int, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._pwrite_all(self.fd, memoryview(piece), offset)
+            offset += len(piece)
+
+    @staticmethod
+    def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)

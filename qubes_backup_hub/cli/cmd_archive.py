@@ -24,9 +24,9 @@ from .context import archive_options, cli_state
 @click.option(
     "--compression-level",
     type=click.IntRange(0, 19),
-    default=3,
+    default=1,
     show_default=True,
-    help="zstd level; 0 stores chunks uncompressed.",
+    help="zstd level (1 is fast, 19 is small); 0 stores chunks uncompressed.",
 )
 def init(
     dest: str,

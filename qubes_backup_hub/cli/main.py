@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from ..errors import QbhubError
+from ..tuning import tune_allocator
 from . import cmd_archive, cmd_demo, cmd_engines, cmd_key, cmd_volume
 from .context import CliState
 
@@ -45,6 +46,7 @@ cli.add_command(cmd_demo.demo)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; turn every error into one line on stderr and a documented exit code."""
+    tune_allocator()
     try:
         cli.main(args=argv, prog_name="qbhub", standalone_mode=False)
     except QbhubError as exc:

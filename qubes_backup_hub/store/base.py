@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+Bytes = bytes | bytearray | memoryview
+
 
 class Store(ABC):
     """One archive location."""
@@ -28,7 +30,7 @@ class Store(ABC):
         """Prepare an empty location for a new archive; refuse if it already holds one."""
 
     @abstractmethod
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: Bytes) -> None:
         """Store object `name` durably. Objects are immutable: `name` must not exist yet."""
 
     @abstractmethod

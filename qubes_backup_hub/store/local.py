@@ -2,8 +2,9 @@
 
 Layout: `DIR/root` (the mutable root), `DIR/objects/XY/NAME` (immutable objects, fanned out by the
 last two characters of their names), `DIR/lock` (writer lock, flock). Writes go to a temporary
-file, are fsynced, then renamed into place, and the directory is fsynced: an object is either
-whole or absent after a crash.
+file, are fsynced, then renamed into place: an object is either whole or absent after a crash.
+The directories of new objects are fsynced once, just before the next root is written, so every
+object a root names is durable before that root is.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import fcntl
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +22,7 @@ from ..directio import ALIGN, open_direct, write_direct
 from ..errors import StoreError
 from ..hookspecs import hookimpl
 from ..names import check_object_name
-from .base import Store, StoreType
+from .base import Bytes, Store, StoreType
 
 TMP_PREFIX = ".tmp-"
 DIRECT_MIN = 256 * 1024  # objects at least this large (packs) are written with O_DIRECT
@@ -34,7 +36,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(directory: Path, name: str, data: bytes | memoryview) -> None:
+def _write_atomically(directory: Path, name: str, data: Bytes, *, sync_dir: bool = True) -> None:
     tmp = directory / f"{TMP_PREFIX}{name}.{secrets.token_hex(4)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     fd = None
@@ -62,7 +64,8 @@ def _write_atomically(directory: Path, name: str, data: bytes | memoryview) -> N
         raise
     os.close(fd)
     os.rename(tmp, directory / name)
-    _fsync_dir(directory)
+    if sync_dir:
+        _fsync_dir(directory)
 
 
 class LocalDirStore(Store):
@@ -71,6 +74,8 @@ class LocalDirStore(Store):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.url = str(self.path)
+        self._unsynced_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> LocalDirStore:
@@ -97,13 +102,15 @@ class LocalDirStore(Store):
         except OSError as exc:
             raise self._io("cannot create the archive directory", exc) from exc
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: Bytes) -> None:
         target = self._object_path(name)
         try:
             target.parent.mkdir(exist_ok=True)
             if target.exists():
                 raise StoreError(f"object {name} already exists; objects are immutable")
-            _write_atomically(target.parent, name, data)
+            _write_atomically(target.parent, name, data, sync_dir=False)
+            with self._dirs_lock:
+                self._unsynced_dirs.add(target.parent)
         except OSError as exc:
             raise self._io(f"cannot write object {name}", exc) from exc
 
@@ -181,6 +188,10 @@ class LocalDirStore(Store):
 
     def put_root(self, data: bytes) -> None:
         try:
+            with self._dirs_lock:
+                dirs, self._unsynced_dirs = self._unsynced_dirs, set()
+            for directory in sorted(dirs):
+                _fsync_dir(directory)
             _write_atomically(self.path, "root", data)
         except OSError as exc:
             raise self._io("cannot write the root", exc) from exc

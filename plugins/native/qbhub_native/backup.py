@@ -17,6 +17,7 @@ from qubes_backup_hub.directio import BufferPool
 from qubes_backup_hub.engine import VolumeSource
 from qubes_backup_hub.errors import QbhubError
 from qubes_backup_hub.progress import Progress
+from qubes_backup_hub.store.base import Bytes
 from qubes_backup_hub.stream.base import VolumeStream
 
 from .blob import BlobType
@@ -27,7 +28,7 @@ from .tree import ID_BYTES, ZERO_ID, Geometry, build_upper, encode_page, leaf_id
 from .writer import BlobWriter
 
 # (chunk index, ID, sealed blob or None when already known, raw length)
-ChunkResult = tuple[int, bytes, bytes | None, int]
+ChunkResult = tuple[int, bytes, Bytes | None, int]
 
 
 @dataclass

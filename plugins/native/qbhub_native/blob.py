@@ -58,13 +58,17 @@ class BlobCodec:
             dec = self._local.decompressor = zstandard.ZstdDecompressor()
         return dec
 
-    def encode(self, type_code: int, blob_id: bytes, raw: bytes | memoryview) -> bytes:
+    def encode(self, type_code: int, blob_id: bytes, raw: bytes | memoryview) -> bytes | bytearray:
         """Return the sealed blob for `raw` content with `blob_id`."""
         packed = self._compressor().compress(raw) if self.level > 0 else b""
+        payload: bytes | memoryview
         if packed and len(packed) < len(raw) - len(raw) // MIN_SAVING_DIVISOR:
-            plaintext = b"\x01" + packed
+            flag, payload = ZSTD, packed
         else:
-            plaintext = b"\x00" + bytes(raw)
+            flag, payload = RAW, raw
+        plaintext = bytearray(1 + len(payload))
+        plaintext[0] = flag
+        plaintext[1:] = payload
         return self.sealer.seal(blob_aad(type_code, blob_id), plaintext)
 
     def decode(

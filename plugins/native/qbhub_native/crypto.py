@@ -108,12 +108,17 @@ class Sealer:
         hasher.update(data)
         return hasher.digest()
 
-    def seal(self, aad: bytes, plaintext: bytes) -> bytes:
+    def seal(self, aad: bytes, plaintext: bytes | bytearray) -> bytes | bytearray:
         """Return the sealed form of `plaintext`, bound to `aad`."""
         if self._aead is not None:
             nonce = os.urandom(NONCE_BYTES)
-            return nonce + self._aead.encrypt(nonce, plaintext, aad)
-        return plaintext + self._tag(aad, plaintext)
+            if not hasattr(self._aead, "encrypt_into"):  # cryptography < 44
+                return nonce + self._aead.encrypt(nonce, plaintext, aad)
+            out = bytearray(NONCE_BYTES + len(plaintext) + TAG_BYTES)
+            out[:NONCE_BYTES] = nonce
+            self._aead.encrypt_into(nonce, plaintext, aad, memoryview(out)[NONCE_BYTES:])
+            return out
+        return bytes(plaintext) + self._tag(aad, plaintext)
 
     def open(self, aad: bytes, sealed: bytes | memoryview, what: str) -> bytes:
         """Authenticate and return the plaintext; IntegrityError naming `what` if it fails."""
@@ -129,7 +134,7 @@ class Sealer:
             raise IntegrityError(f"{what} failed its checksum")
         return plaintext
 
-    def _tag(self, aad: bytes, plaintext: bytes) -> bytes:
+    def _tag(self, aad: bytes, plaintext: bytes | bytearray) -> bytes:
         hasher = blake3.blake3(len(aad).to_bytes(4, "little"), key=self.keys.encryption_key)
         hasher.update(aad)
         hasher.update(plaintext)

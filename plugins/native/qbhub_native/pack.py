@@ -10,13 +10,16 @@ A pack's name is "p" + hex(BLAKE3(pack bytes)).
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 
 import blake3
 
+from qubes_backup_hub.directio import BufferPool, aligned_buffer
 from qubes_backup_hub.errors import IntegrityError
+from qubes_backup_hub.store.base import Bytes
 
 from .crypto import Sealer
 from .limits import MAX_CHUNK_SIZE, MAX_PACK, MAX_TRAILER
@@ -28,6 +31,9 @@ ENTRY = struct.Struct("<B32sIII")
 FOOTER = struct.Struct("<I8s")
 PAD_TO = 4096
 DEFAULT_PACK_TARGET = 4 * 1024 * 1024
+MAX_PACK_ENTRIES = 8192
+# Room past the target: one more chunk-sized blob, the trailer, padding and footer.
+TRAILER_ROOM = MAX_CHUNK_SIZE + 64 + MAX_PACK_ENTRIES * ENTRY.size + 2 * PAD_TO
 
 
 @dataclass(frozen=True)
@@ -47,36 +53,65 @@ def pack_name(data: bytes | memoryview) -> str:
 
 
 class PackBuilder:
-    """Accumulates sealed blobs; `finish()` returns (name, bytes, entries) of a complete pack."""
+    """Accumulates sealed blobs in a page-aligned buffer; `finish()` completes the pack.
 
-    def __init__(self, sealer: Sealer) -> None:
+    The finished pack is handed over as a view of that buffer (no copy), ready for an O_DIRECT
+    write. Callers check `fits()` before `add()` and finish the pack when it says no.
+    """
+
+    def __init__(self, sealer: Sealer, target: int = DEFAULT_PACK_TARGET) -> None:
         self.sealer = sealer
-        self.buffer = bytearray()
+        self.target = target
         self.entries: list[PackEntry] = []
+        self.size = 0
+        self.buffers = BufferPool(target + TRAILER_ROOM)
+        self.buffer = self.buffers.take()
 
     def __len__(self) -> int:
-        return len(self.buffer)
+        return self.size
 
-    def add(self, type_code: int, blob_id: bytes, sealed: bytes, raw_length: int) -> PackEntry:
-        entry = PackEntry(type_code, blob_id, len(self.buffer), len(sealed), raw_length)
-        self.buffer += sealed
+    def fits(self, length: int) -> bool:
+        """True if a blob of `length` bytes fits, leaving room for the trailer."""
+        return (
+            self.size + length + TRAILER_ROOM <= len(self.buffer)
+            and len(self.entries) < MAX_PACK_ENTRIES
+        )
+
+    def add(self, type_code: int, blob_id: bytes, sealed: Bytes, raw_length: int) -> PackEntry:
+        if not self.fits(len(sealed)):
+            if self.entries:
+                raise ValueError("pack is full: finish it first")
+            self.buffer = aligned_buffer(len(sealed) + TRAILER_ROOM)  # one oversized blob
+        entry = PackEntry(type_code, blob_id, self.size, len(sealed), raw_length)
+        self.buffer[self.size : self.size + len(sealed)] = sealed
+        self.size += len(sealed)
         self.entries.append(entry)
         return entry
 
-    def finish(self) -> tuple[str, bytes, list[PackEntry]]:
+    def finish(self) -> tuple[str, memoryview, list[PackEntry], mmap.mmap]:
+        """Seal the trailer; return (name, pack bytes, entries, buffer to `recycle` after use)."""
         body = bytearray(TRAILER_MAGIC + struct.pack("<I", len(self.entries)))
         for e in self.entries:
             body += ENTRY.pack(e.type_code, e.blob_id, e.offset, e.length, e.raw_length)
         trailer = self.sealer.seal(TRAILER_AAD, bytes(body))
-        unpadded = len(self.buffer) + len(trailer) + FOOTER.size
-        self.buffer += os.urandom(-unpadded % PAD_TO)
-        self.buffer += trailer
-        self.buffer += FOOTER.pack(len(trailer), PACK_MAGIC)
-        data = bytes(self.buffer)
+        footer = FOOTER.pack(len(trailer), PACK_MAGIC)
+        pos = self.size
+        padding = -(pos + len(trailer) + len(footer)) % PAD_TO
+        for part in (os.urandom(padding), trailer, footer):
+            self.buffer[pos : pos + len(part)] = part
+            pos += len(part)
+        buffer = self.buffer
+        data = memoryview(buffer)[:pos]
         entries = self.entries
-        self.buffer = bytearray()
+        self.buffer = self.buffers.take()
         self.entries = []
-        return pack_name(data), data, entries
+        self.size = 0
+        return pack_name(data), data, entries, buffer
+
+    def recycle(self, buffer: mmap.mmap) -> None:
+        """Give back a finished pack's buffer once nothing reads it any more."""
+        if len(buffer) == self.buffers.size:
+            self.buffers.give(buffer)
 
 
 def trailer_location(pack_size: int, footer: bytes, name: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from .session import SessionRecord, decode_session
 from .tree import DEFAULT_FANOUT, decode_page
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
-DEFAULT_COMPRESSION_LEVEL = 3
+DEFAULT_COMPRESSION_LEVEL = 1
 CONTEXT_FINGERPRINT = "qbhub 2026-11 v1 archive fingerprint"
 
 

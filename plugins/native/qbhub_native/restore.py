@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from qubes_backup_hub.directio import OffsetWriter, open_direct
 from qubes_backup_hub.errors import IntegrityError, QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
@@ -89,7 +90,12 @@ class VolumeRestore:
             raise UsageError(f"cannot create {tmp}: {exc.strerror}") from None
         try:
             os.ftruncate(fd, volume.size)
-            written = self._write_all(volume, fd, zero_fill=False)
+            direct_fd = open_direct(tmp, os.O_WRONLY)
+            try:
+                written = self._write_all(volume, fd, direct_fd, zero_fill=False)
+            finally:
+                if direct_fd is not None:
+                    os.close(direct_fd)
             os.fsync(fd)
             os.close(fd)
             fd = -1
@@ -117,7 +123,7 @@ class VolumeRestore:
                     f"{target} holds {device_size} bytes; the volume needs {volume.size}"
                 )
             try:
-                written = self._write_all(volume, fd, zero_fill=True)
+                written = self._write_all(volume, fd, None, zero_fill=True)
             except QbhubError as exc:
                 raise type(exc)(f"{exc}; the device {target} now holds a partial restore") from None
             os.fsync(fd)
@@ -130,8 +136,11 @@ class VolumeRestore:
             "bytes_written": written,
         }
 
-    def _write_all(self, volume: VolumeRecord, fd: int, *, zero_fill: bool) -> int:
+    def _write_all(
+        self, volume: VolumeRecord, fd: int, direct_fd: int | None, *, zero_fill: bool
+    ) -> int:
         chunk_size = volume.chunk_size
+        out = OffsetWriter(fd, direct_fd, MAX_RUN_BYTES + chunk_size)
         self.progress.start(volume.name, volume.size)
         written = 0
         zero = bytes(chunk_size)
@@ -145,7 +154,7 @@ class VolumeRestore:
                             os.pwrite(fd, zero[:length], item * chunk_size)
                         self.progress.advance(length)
                         continue
-                    in_flight.append(pool.submit(self._fetch_and_write, item, fd, chunk_size))
+                    in_flight.append(pool.submit(self._fetch_and_write, item, out, chunk_size))
                     if len(in_flight) > 2 * self.workers:
                         n = in_flight.popleft().result()
                         written += n
@@ -160,16 +169,28 @@ class VolumeRestore:
         self.progress.finish()
         return written
 
-    def _fetch_and_write(self, run: Run, fd: int, chunk_size: int) -> int:
+    def _fetch_and_write(self, run: Run, out: OffsetWriter, chunk_size: int) -> int:
+        """Read one run from its pack, authenticate each chunk, write contiguous chunks at once."""
         pack, start, length, blobs = run
         data = memoryview(self.repo.store.get_range(pack, start, length))
         codec = self.repo.codec
         written = 0
+        group: list[bytes] = []
+        group_start = group_end = -1
         for chunk, blob_id, loc in blobs:
             sealed = data[loc.offset - start : loc.offset - start + loc.length]
             raw = codec.decode(BlobType.DATA, blob_id, sealed, loc.raw_length)
-            os.pwrite(fd, raw, chunk * chunk_size)
+            offset = chunk * chunk_size
+            if group and (offset != group_end or group_end - group_start >= MAX_RUN_BYTES):
+                out.write(group_start, group)
+                group = []
+            if not group:
+                group_start = group_end = offset
+            group.append(raw)
+            group_end += len(raw)
             written += len(raw)
+        if group:
+            out.write(group_start, group)
         return written
 
 

@@ -7,10 +7,12 @@ uploads finished packs on a background thread so sealing and uploading overlap.
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from qubes_backup_hub.errors import QbhubError, StoreError
+from qubes_backup_hub.store.base import Bytes
 
 from .blob import BlobType
 from .index import Index, encode_index
@@ -39,7 +41,7 @@ class BlobWriter:
         self.repo = repo
         self.known_index = repo.index if known_index is None else known_index
         self.pack_target = pack_target
-        self.builder = PackBuilder(repo.sealer)
+        self.builder = PackBuilder(repo.sealer, pack_target)
         self.pending: set[bytes] = set()
         self.new_packs: dict[str, list[PackEntry]] = {}
         self.new_index = Index()
@@ -52,10 +54,12 @@ class BlobWriter:
         """True if the archive, this writer's packs, or the open pack already hold `blob_id`."""
         return blob_id in self.known_index or blob_id in self.new_index or blob_id in self.pending
 
-    def add_sealed(self, type_code: int, blob_id: bytes, sealed: bytes, raw_length: int) -> bool:
+    def add_sealed(self, type_code: int, blob_id: bytes, sealed: Bytes, raw_length: int) -> bool:
         """Add an already sealed blob; return False (and store nothing) if it is known."""
         if self.known(blob_id):
             return False
+        if not self.builder.fits(len(sealed)):
+            self.flush()
         self.builder.add(type_code, blob_id, sealed, raw_length)
         self.pending.add(blob_id)
         if len(self.builder) >= self.pack_target:
@@ -75,14 +79,21 @@ class BlobWriter:
         """Finish the open pack (if any) and queue its upload."""
         if not self.builder.entries:
             return
-        name, data, entries = self.builder.finish()
+        name, data, entries, buffer = self.builder.finish()
         self.pending.clear()
         self.new_packs[name] = entries
         self.new_index.add_pack(name, entries)
         self.bytes_written += len(data)
         while len(self.uploads) >= MAX_UPLOADS_IN_FLIGHT:
             self.uploads.popleft().result()
-        self.uploads.append(self.pool.submit(self.repo.store.put, name, data))
+        self.uploads.append(self.pool.submit(self._upload, name, data, buffer))
+
+    def _upload(self, name: str, data: memoryview, buffer: mmap.mmap) -> None:
+        try:
+            self.repo.store.put(name, data)
+        finally:
+            data.release()
+            self.builder.recycle(buffer)
 
     def reuse_orphan_packs(self, referenced: set[str]) -> int:
         """Adopt packs a crashed run uploaded but never committed; return how many.
