@@ -66,8 +66,9 @@ def run_session(
     writer = BlobWriter(repo)
     referenced = {loc.pack for _, loc in repo.index.items()}
     writer.reuse_orphan_packs(referenced)
-    # Reads release the GIL: two threads more than cores overlap I/O with hashing and sealing.
-    workers = workers or (os.cpu_count() or 2) + 2
+    # Reads release the GIL, and a full scan is bound by the disk: enough threads to keep several
+    # direct reads in flight (measured: 8 threads read 2 GiB 25-30% faster than 4 on 2 cores).
+    workers = workers or 2 * (os.cpu_count() or 2) + 4
     records: list[VolumeRecord] = []
     committed = False
     try:
