@@ -66,8 +66,15 @@ class Engine(ABC):
         """Create a new, empty archive in `store` (refuse if one exists)."""
 
     @abstractmethod
-    def backup(self, store: Store, volumes: list[VolumeSource]) -> dict[str, Any]:
-        """Back up `volumes` as one new session and commit it."""
+    def backup(
+        self,
+        store: Store,
+        volumes: list[VolumeSource],
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Back up `volumes` as one new session and commit it, with `metadata` stored (encrypted)
+        in the session record (VM settings, for VM-level backups)."""
 
     @abstractmethod
     def restore_volume(
@@ -90,6 +97,32 @@ class Engine(ABC):
     @abstractmethod
     def change_passphrase(self, store: Store) -> dict[str, Any]:
         """Rewrap the archive key under a new passphrase (from the context)."""
+
+    def compare_volume(
+        self, store: Store, name: str, path: Path, *, session: str | None
+    ) -> dict[str, Any]:
+        """Compare volume `name` (newest session, or `session`) with the local `path`.
+
+        Returns at least "differing_ranges" (list of [offset, length]) and "identical".
+        """
+        from .errors import UsageError
+
+        raise UsageError("this engine cannot compare an archived volume with a local one")
+
+    @abstractmethod
+    def archive_id(self, store: Store) -> str:
+        """The archive's ID, readable without the passphrase (snapshot providers key views by it)."""
+
+    @abstractmethod
+    def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
+        """Session `session` (default: newest): its ID, metadata and volumes with sizes, plus
+        the archive's `archive_id`, `generation` and `identity` for dom0's rollback check."""
+
+    @abstractmethod
+    def stream_volume(
+        self, store: Store, session: str, name: str, write: Callable[[bytes], None]
+    ) -> int:
+        """Call `write` with the volume's bytes in order (zeros for holes); return the size."""
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,13 @@ class PassphraseSource:
     file: Path | None = None
     env_var: str | None = ENV_VAR
     prompt: str = "Passphrase for the archive: "
+    value: bytes | None = None  # given directly (e.g. handed to a restore worker by dom0)
 
     def get(self, *, confirm: bool = False) -> bytes:
         """Return the passphrase as UTF-8 bytes; `confirm` asks twice when prompting."""
-        if self.file is not None:
+        if self.value is not None:
+            phrase = self.value
+        elif self.file is not None:
             try:
                 raw = self.file.read_bytes()[: MAX_PASSPHRASE_FILE + 1]
             except OSError as exc:

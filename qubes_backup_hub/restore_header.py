@@ -15,9 +15,20 @@ class RestoreVolume:
 
 
 @dataclass(frozen=True)
+class RestoreVM:
+    """One VM in a restore stream: name, class, settings document, and its volumes in order."""
+
+    name: str
+    klass: str
+    settings: dict[str, Any]
+    volumes: tuple[RestoreVolume, ...]
+
+
+@dataclass(frozen=True)
 class RestoreHeader:
-    """What a restore will import: the volumes, and for VM restores the VM's settings document."""
+    """What a restore will import: plain volumes, or VMs with their settings and volumes."""
 
     volumes: tuple[RestoreVolume, ...]
     session: str
     settings: dict[str, Any] = field(default_factory=dict)
+    vms: tuple[RestoreVM, ...] = ()

@@ -6,6 +6,7 @@ from .errors import UsageError, ValidationError
 from .hookspecs import hookimpl
 from .names import check_volume_name
 from .restore_header import RestoreHeader
+from .vm_rules import check_settings, check_vm_name, check_vm_volumes
 
 MAX_VOLUME_BYTES = 1 << 50  # 1 PiB: anything larger is a lie, not a volume
 
@@ -26,3 +27,12 @@ def qbhub_validate_restore(header: RestoreHeader) -> None:
             raise ValidationError(
                 f"restore refused: volume {volume.name!r} has an impossible size {volume.size!r}"
             )
+    names: set[str] = set()
+    for vm in header.vms:
+        check_vm_name(vm.name, "restore header")
+        if vm.name in names:
+            raise ValidationError(f"restore refused: VM {vm.name} appears twice")
+        names.add(vm.name)
+        check_settings(vm.name, vm.klass, vm.settings)
+        volumes = [(v.name, v.size) for v in vm.volumes]
+        check_vm_volumes(vm.name, vm.klass, volumes, MAX_VOLUME_BYTES)

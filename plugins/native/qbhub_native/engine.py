@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,15 @@ from qubes_backup_hub.store.base import Store
 
 from .archiver import run_session
 from .prune import choose_sessions, prune_archive
-from .repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
+from .repository import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_COMPRESSION_LEVEL,
+    Repository,
+    archive_identity,
+)
+from .limits import MAX_ROOT
 from .restore import VolumeRestore
+from .root import split_root
 from .session import SessionRecord, VolumeRecord
 from .verify import verify_archive
 
@@ -39,9 +47,19 @@ class NativeEngine(Engine):
     def __init__(self, context: EngineContext) -> None:
         self.context = context
         self.state = LocalState(context.state_dir)
+        self._repos: dict[int, Repository] = {}
 
-    def _open(self, store: Store) -> Repository:
-        return Repository.open(store, lambda: self.context.passphrase.get(), self.state)
+    def _open(self, store: Store, *, fresh: bool = False) -> Repository:
+        """Open `store` once per engine and store object (one KDF run, one index load).
+
+        Writers pass `fresh=True` (under the store lock) so they never act on a stale root.
+        """
+        cached = self._repos.get(id(store))
+        if cached is not None and cached.store is store and not fresh:
+            return cached
+        repo = Repository.open(store, lambda: self.context.passphrase.get(), self.state)
+        self._repos[id(store)] = repo
+        return repo
 
     def _archive_info(self, repo: Repository) -> dict[str, Any]:
         return {
@@ -66,15 +84,21 @@ class NativeEngine(Engine):
         )
         return {**self._archive_info(repo), "chunk_size": repo.body.chunk_size, "url": store.url}
 
-    def backup(self, store: Store, volumes: list[VolumeSource]) -> dict[str, Any]:
+    def backup(
+        self,
+        store: Store,
+        volumes: list[VolumeSource],
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         with store.lock():
-            repo = self._open(store)
+            repo = self._open(store, fresh=True)
             record, writer = run_session(
                 repo,
                 volumes,
                 self.context.hook,
                 self.context.progress,
-                metadata=self.context.options.get("metadata"),
+                metadata=metadata,
             )
         return {
             **self._archive_info(repo),
@@ -124,7 +148,7 @@ class NativeEngine(Engine):
 
     def prune(self, store: Store, *, sessions: list[str], keep_last: int | None) -> dict[str, Any]:
         with store.lock():
-            repo = self._open(store)
+            repo = self._open(store, fresh=True)
             drop = choose_sessions(repo, sessions, keep_last)
             result = prune_archive(repo, drop, self.context.progress)
         return {**self._archive_info(repo), **result}
@@ -133,9 +157,36 @@ class NativeEngine(Engine):
         if self.context.new_passphrase is None:
             raise UsageError("no new passphrase source given")
         with store.lock():
-            repo = self._open(store)
+            repo = self._open(store, fresh=True)
             repo.rewrap(self.context.new_passphrase.get(confirm=True))
         return self._archive_info(repo)
+
+    def archive_id(self, store: Store) -> str:
+        data = store.get_root(MAX_ROOT)
+        if data is None:
+            raise NotFoundError(f"no qbhub archive at {store.url} (run `qbhub init` first)")
+        return split_root(data)[1].archive_id
+
+    def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
+        repo = self._open(store)
+        if not repo.body.sessions:
+            raise NotFoundError("the archive holds no session")
+        ref = repo.find_session(session) if session else repo.body.sessions[-1]
+        record = repo.session_record(ref)
+        return {
+            **self._archive_info(repo),
+            "identity": archive_identity(repo.header.suite, repo.master_key),
+            "session": record.session_id,
+            "metadata": record.metadata,
+            "volumes": [{"name": v.name, "size": v.size} for v in record.volumes],
+        }
+
+    def stream_volume(
+        self, store: Store, session: str, name: str, write: Callable[[bytes], None]
+    ) -> int:
+        repo = self._open(store)
+        _, volume = _find_volume(repo, name, session)
+        return VolumeRestore(repo, self.context.progress).stream(volume, write)
 
 
 def _find_volume(

@@ -216,6 +216,10 @@ class Repository:
         )
         self.info.generation = self.body.generation
 
+    @property
+    def master_key(self) -> bytes:
+        return self._master
+
     def rewrap(self, new_passphrase: bytes) -> None:
         """Wrap the same master key under `new_passphrase` (encrypted archives only)."""
         if self.header.suite != SUITE_AES or self.header.wrapped_key is None or not self.header.kdf:

@@ -11,7 +11,7 @@ import os
 import secrets
 import stat
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -168,6 +168,55 @@ class VolumeRestore:
                     future.cancel()
         self.progress.finish()
         return written
+
+    def stream(self, volume: VolumeRecord, write: Callable[[bytes], None]) -> int:
+        """Hand the volume's bytes to `write` in order, zeros for holes; return the size.
+
+        Runs are fetched and authenticated in parallel; results wait in a small reorder buffer
+        (bounded by the runs in flight) until every chunk before them has been written.
+        """
+        geometry = volume.geometry
+        ready: dict[int, bytes | None] = {}  # chunk -> raw bytes, or None for zeros
+        next_chunk = 0
+        in_flight: deque[Future[list[tuple[int, bytes]]]] = deque()
+
+        def drain() -> None:
+            nonlocal next_chunk
+            while next_chunk in ready:
+                raw = ready.pop(next_chunk)
+                write(raw if raw is not None else bytes(geometry.chunk_length(next_chunk)))
+                next_chunk += 1
+
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="qbhub-stream") as pool:
+            for item in plan_runs(self.repo, volume):
+                if isinstance(item, int):
+                    ready[item] = None
+                else:
+                    in_flight.append(pool.submit(self._fetch, item))
+                    if len(in_flight) > 2 * self.workers:
+                        ready.update(in_flight.popleft().result())
+                drain()
+            while in_flight:
+                ready.update(in_flight.popleft().result())
+                drain()
+        drain()
+        if next_chunk != geometry.chunks:
+            raise IntegrityError(f"volume {volume.name} is missing chunks from {next_chunk}")
+        return volume.size
+
+    def _fetch(self, run: Run) -> list[tuple[int, bytes]]:
+        pack, start, length, blobs = run
+        data = memoryview(self.repo.store.get_range(pack, start, length))
+        codec = self.repo.codec
+        return [
+            (
+                chunk,
+                codec.decode(
+                    BlobType.DATA, blob_id, data[loc.offset - start :][: loc.length], loc.raw_length
+                ),
+            )
+            for chunk, blob_id, loc in blobs
+        ]
 
     def _fetch_and_write(self, run: Run, out: OffsetWriter, chunk_size: int) -> int:
         """Read one run from its pack, authenticate each chunk, write contiguous chunks at once."""

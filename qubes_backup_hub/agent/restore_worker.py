@@ -1,0 +1,172 @@
+"""qbhub restore worker: runs in a disposable VM, parses the archive, emits a restore stream.
+
+dom0 starts it as the `qbhub.RestoreWorker` service and sends one JOB frame (engine, passphrase,
+session, VM names, settings-only flag). The worker reads the archive only through dom0 (QUERY
+frames with read-only store requests), so it holds no capability of its own; everything an
+attacker controls in storage is parsed here, not in dom0. What it sends back is the restore
+stream described in `restore_channel`: a strict header, then exactly the declared bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..engine import EngineContext
+from ..errors import QbhubError, StoreError
+from ..passphrase import PassphraseSource
+from ..progress import Progress
+from ..registry import load_registry
+from ..restore_channel import (
+    DATA,
+    END,
+    FAIL,
+    HEADER,
+    JOB,
+    MAX_DATA_FRAME,
+    QUERY,
+    REPLY,
+    receive,
+    send,
+)
+from ..store.base import Bytes, Store
+from ..store.qrexec import OP
+
+MAX_JOB = 64 * 1024
+
+
+class RelayStore(Store):
+    """A read-only store whose every request is relayed by dom0."""
+
+    def __init__(self, requests: BinaryIO, replies: BinaryIO) -> None:
+        self.url = "relay://dom0"
+        self._out, self._in = requests, replies
+
+    def _ask(self, op: str, payload: bytes, limit: int) -> bytes:
+        send(self._out, QUERY, bytes((OP[op],)) + payload)
+        self._out.flush()
+        _, reply = receive(self._in, {REPLY: limit + 4096})
+        if not reply or reply[0] != 0:
+            raise StoreError(reply[1:].decode("utf-8", "replace")[:300] or "store request failed")
+        return reply[1:]
+
+    def exists(self) -> bool:
+        return self._ask("exists", b"", 16) == b"1"
+
+    def get(self, name: str, max_size: int) -> bytes:
+        return self._ask("get", f"{name}\n{max_size}".encode(), max_size)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        data = self._ask("range", f"{name}\n{offset}\n{length}".encode(), length)
+        if len(data) != length:
+            raise StoreError(f"object {name} is truncated")
+        return data
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        for line in self._ask("list", b"", 256 << 20).decode().splitlines():
+            name, _, size = line.partition(" ")
+            yield name, int(size)
+
+    def get_root(self, max_size: int) -> bytes | None:
+        return self._ask("root_get", str(max_size).encode(), max_size) or None
+
+    def create(self) -> None:
+        raise StoreError("the restore worker can't write")
+
+    def put(self, name: str, data: Bytes) -> None:
+        raise StoreError("the restore worker can't write")
+
+    def delete(self, name: str) -> None:
+        raise StoreError("the restore worker can't write")
+
+    def put_root(self, data: bytes) -> None:
+        raise StoreError("the restore worker can't write")
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        raise StoreError("the restore worker can't write")
+        yield  # pragma: no cover
+
+
+def select_vms(metadata: dict[str, Any], wanted: list[str]) -> list[dict[str, Any]]:
+    """The VM documents of the session, restricted to `wanted` (all when empty)."""
+    vms = metadata.get("vms", [])
+    if not isinstance(vms, list):
+        raise QbhubError("the session's VM list is malformed")
+    by_name = {vm.get("name"): vm for vm in vms if isinstance(vm, dict)}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise QbhubError(f"no VM named {', '.join(missing)} in this session")
+    return [by_name[name] for name in wanted] if wanted else list(by_name.values())
+
+
+def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
+    """Do one restore job: describe the session, then stream every selected volume."""
+    store = RelayStore(requests, replies)
+    registry = load_registry()
+    with tempfile.TemporaryDirectory() as state_dir:
+        context = EngineContext(
+            hook=registry.pm.hook,
+            passphrase=PassphraseSource(env_var=None, value=str(job["passphrase"]).encode()),
+            state_dir=Path(state_dir),
+            progress=Progress(enabled=False),
+        )
+        engine = registry.engine(str(job.get("engine", "native"))).create(context)
+        info = engine.describe_session(store, job.get("session"))
+        vms = select_vms(info["metadata"], [str(v) for v in job.get("vms", [])])
+        header = {
+            "archive_id": info["archive_id"],
+            "generation": info["generation"],
+            "identity": info["identity"],
+            "session": info["session"],
+            "settings_only": bool(job.get("settings_only")),
+            "vms": [
+                {
+                    "name": vm["name"],
+                    "class": vm["class"],
+                    "settings": vm["settings"],
+                    "volumes": [{"name": v["name"], "size": v["size"]} for v in vm["volumes"]],
+                }
+                for vm in vms
+            ],
+        }
+        send(requests, HEADER, json.dumps(header).encode())
+        if not job.get("settings_only"):
+            for vm in vms:
+                for volume in vm["volumes"]:
+                    engine.stream_volume(
+                        store, info["session"], volume["archive_name"], _data_writer(requests)
+                    )
+        send(requests, END)
+        requests.flush()
+
+
+def _data_writer(out: BinaryIO) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_DATA_FRAME):
+            send(out, DATA, view[start : start + MAX_DATA_FRAME])
+
+    return write
+
+
+def main() -> int:
+    out, inp = sys.stdout.buffer, sys.stdin.buffer
+    try:
+        _, payload = receive(inp, {JOB: MAX_JOB})
+        run(json.loads(payload), out, inp)
+    except Exception as exc:  # everything ends as one FAIL line for dom0
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        send(out, FAIL, f"{type(exc).__name__}: {message}"[:1000].encode())
+        out.flush()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`qbhub backup` and `qbhub restore`: whole VMs, with their settings, through the platform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import UsageError
+from ..hub_backup import backup_vms, choose_vms
+from ..hub_restore import RestoreRequest, restore_vms
+from ..names import check_session_id
+from ..passphrase import PassphraseSource
+from ..platform.detect import default_platform
+from ..progress import human_bytes
+from ..state import LocalState, default_home
+from . import format as fmt
+from .context import archive_options, cli_state
+
+
+@click.command()
+@archive_options
+@click.argument("vms", nargs=-1, metavar="[VM]...")
+@click.option("--all", "all_vms", is_flag=True, help="Every VM except dom0 and DispVMs.")
+@click.option("--exclude", multiple=True, metavar="VM", help="Leave this VM out (repeatable).")
+def backup(
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    vms: tuple[str, ...],
+    all_vms: bool,
+    exclude: tuple[str, ...],
+) -> None:
+    """Back up VMs (their persistent volumes and settings) as one session.
+
+    --dest is a directory or qubes://BACKUPVM/NAME (the storage agent in a backup VM). DispVMs
+    are backed up only when named. Only what changed since the last session is stored.
+    """
+    state = cli_state(json_output)
+    platform = default_platform()
+    names = choose_vms(platform, list(vms), all_vms, list(exclude))
+    eng = state.engine(engine, passphrase_file)
+    store = state.store(dest)
+    try:
+        result = backup_vms(platform, eng, store, state.registry.pm.hook, names)
+    finally:
+        store.close()
+    state.emit(result, fmt.backup_text)
+
+
+def parse_renames(renames: tuple[str, ...]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for item in renames:
+        old, sep, new = item.partition(":")
+        if not sep or not old or not new:
+            raise UsageError(f"--rename takes OLD:NEW, not {item!r}")
+        mapping[old] = new
+    return mapping
+
+
+@click.command()
+@archive_options
+@click.argument("vms", nargs=-1, metavar="[VM]...")
+@click.option("--all", "all_vms", is_flag=True, help="Every VM in the session.")
+@click.option("--session", help="Restore from this session (default: the newest).")
+@click.option("--rename", "renames", multiple=True, metavar="OLD:NEW", help="Restore OLD as NEW.")
+@click.option("--pool", help="Create the VMs' volumes in this storage pool.")
+@click.option("--settings-only", is_flag=True, help="Create the VMs and settings, no data.")
+@click.option("--data-only", is_flag=True, help="Restore volume data into existing VMs only.")
+@click.option("--replace", is_flag=True, help="Replace existing VMs of the same name.")
+def restore(
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    vms: tuple[str, ...],
+    all_vms: bool,
+    session: str | None,
+    renames: tuple[str, ...],
+    pool: str | None,
+    settings_only: bool,
+    data_only: bool,
+    replace: bool,
+) -> None:
+    """Restore VMs from an archive; the archive is parsed in a disposable VM, never in dom0.
+
+    Nothing is imported until the restore stream's header passed every check; a failure removes
+    the VMs this restore created. Existing VMs are left alone unless --replace.
+    """
+    state = cli_state(json_output)
+    if not vms and not all_vms:
+        raise UsageError("name the VMs to restore, or give --all")
+    if session:
+        check_session_id(session)
+    request = RestoreRequest(
+        vms=list(vms),
+        session=session,
+        renames=parse_renames(renames),
+        pool=pool,
+        settings_only=settings_only,
+        data_only=data_only,
+        replace=replace,
+        engine=engine,
+    )
+    passphrase = PassphraseSource(file=passphrase_file).get()
+    store = state.store(dest)
+    try:
+        result = restore_vms(
+            default_platform(),
+            store,
+            state.registry.pm.hook,
+            LocalState(default_home()),
+            passphrase,
+            request,
+        )
+    finally:
+        store.close()
+    state.emit(result, restore_text)
+
+
+def restore_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"Restored {', '.join(r['vms']) or 'nothing'} from session {r['session']} "
+        f"({human_bytes(r['bytes_imported'])} of volume data)"
+    ]
+    lines += [f"  setting not applied: {f}" for f in r["settings_failed"]]
+    return "\n".join(lines)

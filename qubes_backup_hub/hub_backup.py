@@ -1,0 +1,103 @@
+"""VM-level backup: choose VMs, snapshot their persistent volumes, back them up with settings.
+
+Each VM volume is stored in the archive as the engine volume `VMNAME:VOLUME`; the VMs' settings
+travel in the session's (encrypted) metadata as {"vms": [{name, class, settings, volumes}]}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import pluggy
+
+from .engine import Engine, VolumeSource
+from .errors import NotFoundError, UsageError
+from .platform.base import Platform, VMSettings
+from .snapshot import PlainProvider, SnapshotProvider, VolumeRef
+from .store.base import Store
+
+SKIPPED_CLASSES = ("AdminVM", "DispVM")
+
+
+def choose_vms(
+    platform: Platform, names: list[str], all_vms: bool, exclude: list[str]
+) -> list[str]:
+    """The VMs to back up: those named, or with --all every VM but dom0 and DispVMs."""
+    vms = {vm.name: vm for vm in platform.list_vms()}
+    if names and all_vms:
+        raise UsageError("name VMs or give --all, not both")
+    if names:
+        missing = [n for n in names if n not in vms]
+        if missing:
+            raise NotFoundError(f"no such VM: {', '.join(missing)}")
+        if any(vms[n].klass == "AdminVM" for n in names):
+            raise UsageError("dom0 is not backed up by qbhub")
+        chosen = list(dict.fromkeys(names))
+    elif all_vms:
+        chosen = sorted(n for n, vm in vms.items() if vm.klass not in SKIPPED_CLASSES)
+    else:
+        raise UsageError("name the VMs to back up, or give --all")
+    unknown = [n for n in exclude if n not in vms]
+    if unknown:
+        raise NotFoundError(f"--exclude names no such VM: {', '.join(unknown)}")
+    return [n for n in chosen if n not in set(exclude)]
+
+
+def settings_document(settings: VMSettings) -> dict[str, Any]:
+    """The part of VMSettings that goes into the archive (name and class travel beside it)."""
+    doc = asdict(settings)
+    del doc["name"], doc["klass"]
+    return doc
+
+
+def backup_vms(
+    platform: Platform,
+    engine: Engine,
+    store: Store,
+    hook: pluggy.HookRelay,
+    names: list[str],
+) -> dict[str, Any]:
+    """Back up the VMs `names` as one session; return the engine's result plus the VM list."""
+    archive_id = engine.archive_id(store)
+    documents: list[dict[str, Any]] = []
+    sources: list[VolumeSource] = []
+    providers: list[SnapshotProvider] = []
+    try:
+        for name in names:
+            settings = platform.vm_settings(name)
+            volumes = []
+            for volume in platform.vm_volumes(name):
+                archive_name = f"{name}:{volume.name}"
+                ref = VolumeRef(name=archive_name, path=volume.path, archive_id=archive_id)
+                provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
+                providers.append(provider)
+                view = provider.take()
+                sources.append(
+                    VolumeSource(
+                        archive_name,
+                        view.path,
+                        view.changed_ranges,
+                        view.provider,
+                        view.base_session,
+                    )
+                )
+                volumes.append(
+                    {"name": volume.name, "archive_name": archive_name, "size": volume.size}
+                )
+            documents.append(
+                {
+                    "name": name,
+                    "class": settings.klass,
+                    "settings": settings_document(settings),
+                    "volumes": volumes,
+                }
+            )
+        result = engine.backup(store, sources, metadata={"vms": documents})
+    except BaseException:
+        for provider in providers:
+            provider.abort()
+        raise
+    for provider in providers:
+        provider.commit(result["session"])
+    return {**result, "vms": [d["name"] for d in documents]}

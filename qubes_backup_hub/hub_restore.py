@@ -1,0 +1,345 @@
+"""VM-level restore, dom0's side: drive a restore worker in a DispVM and import what it sends.
+
+dom0 relays the worker's read-only store requests, then reads the restore stream: the header is
+parsed strictly and put through every restore-validate hook and the rollback check before any VM
+is created; volume bytes are imported by exact length; anything after the last byte, a short or
+long volume, or a worker failure aborts, and every VM this restore created is removed again.
+With --replace or --data-only (which touch existing VMs) the whole stream is first received and
+checked once without importing, and only then imported from a second run of the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+import pluggy
+
+from .errors import IntegrityError, NotFoundError, QbhubError, RollbackError, UsageError
+from .platform.base import Platform, ServiceProcess, VMSettings
+from .restore_channel import (
+    DATA,
+    END,
+    FAIL,
+    HEADER,
+    JOB,
+    MAX_DATA_FRAME,
+    MAX_FAIL,
+    MAX_HEADER,
+    MAX_QUERY,
+    QUERY,
+    REPLY,
+    receive,
+    send,
+)
+from .restore_header import RestoreHeader, RestoreVM, RestoreVolume
+from .state import LocalState
+from .store.base import Store
+from .vm_rules import check_vm_name
+
+WORKER_SERVICE = "qbhub.RestoreWorker"
+READ_OPS = {2: "get", 3: "range", 4: "list", 6: "root_get", 10: "exists"}
+MAX_STORE_REPLY = 80 << 20
+FROM_WORKER = {QUERY: MAX_QUERY, HEADER: MAX_HEADER, DATA: MAX_DATA_FRAME, END: 0, FAIL: MAX_FAIL}
+
+
+@dataclass
+class RestoreRequest:
+    """What the user asked for."""
+
+    vms: list[str]
+    session: str | None = None
+    renames: dict[str, str] = field(default_factory=dict)
+    pool: str | None = None
+    settings_only: bool = False
+    data_only: bool = False
+    replace: bool = False
+    engine: str = "native"
+
+
+class WorkerChannel:
+    """dom0's end of one restore worker: relays store queries, yields the stream's frames."""
+
+    def __init__(self, process: ServiceProcess, store: Store) -> None:
+        self.process, self.store = process, store
+        self.pending = b""  # DATA bytes received but not consumed yet
+
+    def start(self, job: dict[str, Any]) -> None:
+        send(self.process.stdin, JOB, json.dumps(job).encode())
+        self.process.stdin.flush()
+
+    def next_frame(self) -> tuple[bytes, bytes]:
+        """The next HEADER, DATA, END frame; QUERY frames are answered on the way."""
+        while True:
+            kind, payload = receive(self.process.stdout, FROM_WORKER)
+            if kind == QUERY:
+                send(self.process.stdin, REPLY, self._answer(payload))
+                self.process.stdin.flush()
+                continue
+            if kind == FAIL:
+                reason = payload.decode("utf-8", "replace").splitlines()[0] if payload else ""
+                raise QbhubError(f"the restore worker failed: {reason[:300]}")
+            return kind, payload
+
+    def _answer(self, query: bytes) -> bytes:
+        op = READ_OPS.get(query[0]) if query else None
+        try:
+            if op is None:
+                raise UsageError("the restore worker may only read")
+            args = query[1:].decode().split("\n")
+            if op == "get":
+                body = self.store.get(args[0], min(int(args[1]), MAX_STORE_REPLY))
+            elif op == "range":
+                body = self.store.get_range(
+                    args[0], int(args[1]), min(int(args[2]), MAX_STORE_REPLY)
+                )
+            elif op == "list":
+                body = "".join(f"{n} {s}\n" for n, s in self.store.list()).encode()
+            elif op == "root_get":
+                body = self.store.get_root(min(int(args[0]), MAX_STORE_REPLY)) or b""
+            else:
+                body = b"1" if self.store.exists() else b"0"
+        except (QbhubError, ValueError, IndexError, UnicodeDecodeError) as exc:
+            return b"\x01" + str(exc).encode()[:1000]
+        return b"\x00" + body
+
+    def read_volume_into(self, size: int) -> IO[bytes]:
+        """A reader of exactly the next `size` bytes (duck-typed as a binary file)."""
+        return cast(IO[bytes], VolumeReader(self, size))
+
+    def expect_end(self) -> None:
+        if self.pending:
+            raise IntegrityError("the restore stream carries more bytes than its header declared")
+        kind, _ = self.next_frame()
+        if kind != END:
+            raise IntegrityError("the restore stream carries more bytes than its header declared")
+
+
+class VolumeReader:
+    """A file-like object giving exactly `size` bytes of DATA, then end of file."""
+
+    def __init__(self, channel: WorkerChannel, size: int) -> None:
+        self.channel, self.left = channel, size
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left == 0:
+            return b""
+        if not self.channel.pending:
+            kind, payload = self.channel.next_frame()
+            if kind != DATA:
+                raise IntegrityError("the restore stream is shorter than its header declared")
+            self.channel.pending = payload
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        block, self.channel.pending = self.channel.pending[:n], self.channel.pending[n:]
+        self.left -= len(block)
+        return block
+
+    def readable(self) -> bool:
+        return True
+
+
+def parse_header(payload: bytes, request: RestoreRequest) -> tuple[RestoreHeader, dict[str, Any]]:
+    """Decode the header strictly into a RestoreHeader (renames applied) and its archive facts."""
+    try:
+        doc = json.loads(payload)
+        facts = {k: doc[k] for k in ("archive_id", "generation", "identity", "session")}
+        vms = []
+        for vm in doc["vms"]:
+            name = check_vm_name(vm["name"], "restore header")
+            volumes = tuple(RestoreVolume(str(v["name"]), v["size"]) for v in vm["volumes"])
+            vms.append(
+                RestoreVM(
+                    request.renames.get(name, name), str(vm["class"]), vm["settings"], volumes
+                )
+            )
+        if not isinstance(facts["generation"], int) or not isinstance(facts["archive_id"], str):
+            raise TypeError("archive facts")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"the restore header is malformed ({exc})") from None
+    return RestoreHeader(volumes=(), session=str(facts["session"]), vms=tuple(vms)), facts
+
+
+def dependency_order(vms: tuple[RestoreVM, ...]) -> list[RestoreVM]:
+    """Templates and netvms before the VMs that use them (within the restored set)."""
+    by_name = {vm.name: vm for vm in vms}
+    ordered: list[RestoreVM] = []
+    seen: set[str] = set()
+
+    def visit(vm: RestoreVM, path: tuple[str, ...]) -> None:
+        if vm.name in seen or vm.name in path:
+            return
+        props = vm.settings.get("properties", {})
+        for key in ("template", "netvm", "default_dispvm"):
+            ref = props.get(key)
+            if ref in by_name:
+                visit(by_name[ref], (*path, vm.name))
+        seen.add(vm.name)
+        ordered.append(vm)
+
+    for vm in vms:
+        visit(vm, ())
+    return ordered
+
+
+def check_archive(state: LocalState, facts: dict[str, Any]) -> None:
+    """Refuse a substituted archive or a rolled-back root (the worker reports, dom0 decides)."""
+    known = state.recall(str(facts["archive_id"]))
+    if known is None:
+        return
+    if known.identity and known.identity != facts["identity"]:
+        raise IntegrityError(
+            f"archive {facts['archive_id']} is not the one this machine knows by that ID; refusing"
+        )
+    if facts["generation"] < known.generation:
+        raise RollbackError(
+            f"archive rollback detected: the root is generation {facts['generation']}, "
+            f"but generation {known.generation} was seen here"
+        )
+
+
+def _settings_of(vm: RestoreVM) -> VMSettings:
+    s = vm.settings
+    return VMSettings(
+        name=vm.name,
+        klass=vm.klass,
+        properties=dict(s.get("properties", {})),
+        features=dict(s.get("features", {})),
+        tags=list(s.get("tags", [])),
+        devices=list(s.get("devices", [])),
+        firewall=list(s.get("firewall", [])),
+        notes=str(s.get("notes", "")),
+    )
+
+
+def _renamed(header: RestoreHeader, renames: dict[str, str]) -> RestoreHeader:
+    """Point properties that name a renamed VM (template, netvm, ...) at its new name."""
+    if not renames:
+        return header
+    vms = []
+    for vm in header.vms:
+        props = {
+            k: renames.get(v, v) if k in ("template", "netvm", "default_dispvm") else v
+            for k, v in vm.settings.get("properties", {}).items()
+        }
+        vms.append(RestoreVM(vm.name, vm.klass, {**vm.settings, "properties": props}, vm.volumes))
+    return RestoreHeader(header.volumes, header.session, header.settings, tuple(vms))
+
+
+def restore_vms(
+    platform: Platform,
+    store: Store,
+    hook: pluggy.HookRelay,
+    state: LocalState,
+    passphrase: bytes,
+    request: RestoreRequest,
+) -> dict[str, Any]:
+    """Restore VMs from the archive in `store`; see the module docstring for the guarantees."""
+    if request.settings_only and request.data_only:
+        raise UsageError("--settings-only and --data-only exclude each other")
+    for new in request.renames.values():
+        check_vm_name(new, "--rename")
+    if request.replace or request.data_only:
+        _run_worker(platform, store, hook, state, passphrase, request, do_import=False)
+    return _run_worker(platform, store, hook, state, passphrase, request, do_import=True)
+
+
+def _run_worker(
+    platform: Platform,
+    store: Store,
+    hook: pluggy.HookRelay,
+    state: LocalState,
+    passphrase: bytes,
+    request: RestoreRequest,
+    *,
+    do_import: bool,
+) -> dict[str, Any]:
+    existing = {vm.name for vm in platform.list_vms()}
+    job = {
+        "engine": request.engine,
+        "passphrase": passphrase.decode(),
+        "session": request.session,
+        "vms": request.vms,
+        "settings_only": request.settings_only,
+    }
+    process = platform.dispvm_service(WORKER_SERVICE)
+    channel = WorkerChannel(process, store)
+    created: list[str] = []
+    try:
+        channel.start(job)
+        kind, payload = channel.next_frame()
+        if kind != HEADER:
+            raise IntegrityError("the restore stream does not start with a header")
+        header, facts = parse_header(payload, request)
+        hook.qbhub_validate_restore(header=header)
+        check_archive(state, facts)
+        header = _renamed(header, request.renames)
+        _check_plan(header, existing, request)
+        if not do_import:
+            _consume(channel, header, request)
+            return {"session": header.session}
+        if request.replace:
+            for vm in header.vms:
+                if vm.name in existing:
+                    platform.remove_vm(vm.name)
+        order = dependency_order(header.vms)
+        if not request.data_only:
+            for vm in order:
+                platform.create_vm(_settings_of(vm), pool=request.pool)
+                created.append(vm.name)
+        imported = 0
+        if not request.settings_only:
+            for vm in header.vms:
+                for volume in vm.volumes:
+                    reader = channel.read_volume_into(volume.size)
+                    platform.import_volume(vm.name, volume.name, volume.size, reader)
+                    imported += volume.size
+        channel.expect_end()
+        failed: list[str] = []
+        if not request.data_only:
+            for vm in order:
+                failed += [f"{vm.name}: {f}" for f in platform.apply_settings(_settings_of(vm))]
+        state.remember(str(facts["archive_id"]), int(facts["generation"]), str(facts["identity"]))
+    except BaseException:
+        process.kill()
+        for name in reversed(created):
+            with contextlib.suppress(QbhubError):
+                platform.remove_vm(name)
+        raise
+    finally:
+        process.wait(timeout=60)
+    return {
+        "session": header.session,
+        "vms": [vm.name for vm in order],
+        "bytes_imported": imported,
+        "settings_failed": failed,
+    }
+
+
+def _check_plan(header: RestoreHeader, existing: set[str], request: RestoreRequest) -> None:
+    names = [vm.name for vm in header.vms]
+    if request.data_only:
+        missing = [n for n in names if n not in existing]
+        if missing:
+            raise NotFoundError(f"--data-only needs existing VMs; missing: {', '.join(missing)}")
+        return
+    clash = [n for n in names if n in existing]
+    if clash and not request.replace:
+        raise UsageError(
+            f"VM {', '.join(clash)} already exists; use --replace, or --rename OLD:NEW"
+        )
+
+
+def _consume(channel: WorkerChannel, header: RestoreHeader, request: RestoreRequest) -> None:
+    """Receive the whole stream without importing it: sizes exact, nothing after the end."""
+    if not request.settings_only:
+        for vm in header.vms:
+            for volume in vm.volumes:
+                reader = channel.read_volume_into(volume.size)
+                got = 0
+                while block := reader.read(1 << 20):
+                    got += len(block)
+                if got != volume.size:
+                    raise IntegrityError(f"volume {vm.name}:{volume.name} is short")
+    channel.expect_end()

@@ -1,0 +1,26 @@
+"""Which platform to use: a real dom0 when qubesd is there, else the LocalPlatform."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import UsageError
+from ..state import default_home
+from .base import Platform
+
+QUBESD_SOCKET = Path("/var/run/qubesd.sock")
+
+
+def default_platform() -> Platform:
+    """$QBHUB_PLATFORM (`local` or `qubes`) if set, else `qubes` when qubesd runs here."""
+    choice = os.environ.get("QBHUB_PLATFORM") or ("qubes" if QUBESD_SOCKET.exists() else "local")
+    if choice == "qubes":
+        from .qubes.platform import QubesPlatform
+
+        return QubesPlatform()
+    if choice == "local":
+        from .local.platform import LocalPlatform
+
+        return LocalPlatform(default_home())
+    raise UsageError(f"unknown platform {choice!r} in QBHUB_PLATFORM (use local or qubes)")
