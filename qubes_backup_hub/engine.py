@@ -111,7 +111,7 @@ class Engine(ABC):
 
     @abstractmethod
     def archive_id(self, store: Store) -> str:
-        """The archive's ID, readable without the passphrase (snapshot providers key views by it)."""
+        """The archive ID, readable without the passphrase (snapshot views are kept per archive)."""
 
     @abstractmethod
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ class SnapshotView:
     changed_ranges: list[tuple[int, int]] | None
     provider: str
     base_session: str | None = None  # the session the changed ranges are relative to
+    note: str = ""  # why changed_ranges is None, when the provider knows (shown to the user)
 
 
 class SnapshotProvider(ABC):

@@ -63,9 +63,12 @@ def check_property(vm: str, key: str, value: Any) -> None:
     where = f"VM {vm}, property {key!r}"
     if kind is None:
         raise refuse(f"VM {vm}", f"unknown property {key!r}")
+    # Platforms report properties as strings ("True", "800"), as the Admin API does.
     if kind is bool:
-        ok = isinstance(value, bool)
+        ok = isinstance(value, bool) or value in ("True", "False")
     elif kind is int:
+        if isinstance(value, str) and re.fullmatch(r"[0-9]{1,12}", value):
+            value = int(value)
         ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
     elif kind == VM_REF:
         ok = value == "" or (isinstance(value, str) and bool(VM_NAME.fullmatch(value)))

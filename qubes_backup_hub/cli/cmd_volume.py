@@ -32,32 +32,44 @@ def parse_volume_arg(arg: str) -> tuple[str, str]:
 
 @volume.command("backup")
 @archive_options
+@click.option(
+    "--no-snapshot",
+    is_flag=True,
+    help="Read each volume in place and scan it whole (no snapshot provider, no kept view).",
+)
 @click.argument("volumes", nargs=-1, required=True, metavar="PATH[=NAME]...")
 def backup(
     dest: str,
     engine: str,
     passphrase_file: Path | None,
     json_output: bool,
+    no_snapshot: bool,
     volumes: tuple[str, ...],
 ) -> None:
     """Back up one or more volumes as one session.
 
     Each PATH is an image file or block device; NAME (default: the file name) is how the
     archive knows it. Only chunks that changed since the volume's previous session are stored.
+    A file on btrfs or xfs is snapshotted by reflink (its view kept in a hidden .qbhub-views
+    directory beside it) and only the ranges changed since its previous backup are read.
     """
     state = cli_state(json_output)
     hook = state.registry.pm.hook
     eng = state.engine(engine, passphrase_file)
     store = state.store(dest)
+    archive_id = eng.archive_id(store)
     providers: list[SnapshotProvider] = []
     sources: list[VolumeSource] = []
+    notes: dict[str, str] = {}
     try:
         for arg in volumes:
             path, name = parse_volume_arg(arg)
-            ref = VolumeRef(name=name, path=path, archive_id=store.url)
-            provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
+            ref = VolumeRef(name=name, path=path, archive_id=archive_id)
+            provider = None if no_snapshot else hook.qbhub_snapshot_provider(volume=ref)
+            provider = provider or PlainProvider(ref)
             providers.append(provider)
             view = provider.take()
+            notes[name] = view.note
             sources.append(
                 VolumeSource(name, view.path, view.changed_ranges, view.provider, view.base_session)
             )
@@ -68,6 +80,9 @@ def backup(
         raise
     for provider in providers:
         provider.commit(result["session"])
+    for entry in result.get("volumes", []):
+        if notes.get(entry.get("name", "")):
+            entry["snapshot_note"] = notes[entry["name"]]
     state.emit(result, fmt.backup_text)
 
 

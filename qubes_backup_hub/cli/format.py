@@ -31,7 +31,7 @@ def volume_line(v: dict[str, Any]) -> str:
     return (
         f"  {v['name']}: {human_bytes(v['size'])}, read {human_bytes(v['bytes_read'])} "
         f"({v['provider']}), {v['chunks_new']} new chunks, stored {human_bytes(v['bytes_stored'])}"
-    )
+    ) + (f"\n    ({v['snapshot_note']})" if v.get("snapshot_note") else "")
 
 
 def backup_text(r: dict[str, Any]) -> str:

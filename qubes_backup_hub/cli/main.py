@@ -10,7 +10,7 @@ import click
 from .. import __version__
 from ..errors import QbhubError
 from ..tuning import tune_allocator
-from . import cmd_archive, cmd_demo, cmd_engines, cmd_hub, cmd_key, cmd_volume
+from . import cmd_archive, cmd_demo, cmd_diff, cmd_engines, cmd_hub, cmd_key, cmd_local, cmd_volume
 from .context import CliState
 
 EPILOG = """\b
@@ -42,8 +42,10 @@ cli.add_command(cmd_volume.volume)
 cli.add_command(cmd_key.key)
 cli.add_command(cmd_engines.engines)
 cli.add_command(cmd_demo.demo)
+cli.add_command(cmd_diff.diff)
 cli.add_command(cmd_hub.backup)
 cli.add_command(cmd_hub.restore)
+cli.add_command(cmd_local.local)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ class ArchivedIds:
 
     def nonzero_in(self, first: int, end: int) -> list[int]:
         """Chunks in [first, end) whose archived ID is not the all-zero one."""
-        out = []
+        out: list[int] = []
         chunk = first
         while chunk < end:
             leaf_end = min(end, (chunk // self.fanout + 1) * self.fanout)
@@ -76,8 +76,10 @@ def compare_volume(
         read += length
         for k in range(count):
             piece = view[k * c : (k + 1) * c]
-            local = ZERO_ID if piece == zero[: len(piece)] else repo.sealer.blob_id(
-                BlobType.DATA, piece
+            local = (
+                ZERO_ID
+                if piece == zero[: len(piece)]
+                else repo.sealer.blob_id(BlobType.DATA, piece)
             )
             if local != archived.get(first + k) or len(piece) != geometry.chunk_length(first + k):
                 differ.add((first + k) * c, len(piece))

@@ -13,6 +13,8 @@ from qubes_backup_hub.state import LocalState
 from qubes_backup_hub.store.base import Store
 
 from .archiver import run_session
+from .compare import compare_volume
+from .limits import MAX_ROOT
 from .prune import choose_sessions, prune_archive
 from .repository import (
     DEFAULT_CHUNK_SIZE,
@@ -20,7 +22,6 @@ from .repository import (
     Repository,
     archive_identity,
 )
-from .limits import MAX_ROOT
 from .restore import VolumeRestore
 from .root import split_root
 from .session import SessionRecord, VolumeRecord
@@ -166,6 +167,19 @@ class NativeEngine(Engine):
         if data is None:
             raise NotFoundError(f"no qbhub archive at {store.url} (run `qbhub init` first)")
         return split_root(data)[1].archive_id
+
+    def compare_volume(
+        self, store: Store, name: str, path: Path, *, session: str | None
+    ) -> dict[str, Any]:
+        repo = self._open(store)
+        record, volume = _find_volume(repo, name, session)
+        stream = self.context.hook.qbhub_open_stream(path=str(path))
+        if stream is None:
+            raise UsageError(f"no installed stream plugin can read {path}")
+        with stream:
+            result = compare_volume(repo, volume, stream, self.context.progress)
+        return {**self._archive_info(repo), "session": record.session_id, "path": str(path),
+                **result}  # fmt: skip
 
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
         repo = self._open(store)
