@@ -37,7 +37,8 @@ from .restore_channel import (
 from .restore_header import RestoreHeader, RestoreVM, RestoreVolume
 from .state import LocalState
 from .store.base import Store
-from .vm_rules import check_vm_name
+from .store.qrexec import QrexecStore
+from .vm_rules import PROPERTIES, VM_REF, check_vm_name
 
 WORKER_SERVICE = "qbhub.RestoreWorker"
 READ_OPS = {2: "get", 3: "range", 4: "list", 6: "root_get", 10: "exists"}
@@ -276,13 +277,12 @@ def _run_worker(
         check_archive(state, facts)
         header = _renamed(header, request.renames)
         _check_plan(header, existing, request)
+        removals = _replace_plan(platform, store, header, existing, request)
         if not do_import:
             _consume(channel, header, request)
             return {"session": header.session}
-        if request.replace:
-            for vm in header.vms:
-                if vm.name in existing:
-                    platform.remove_vm(vm.name)
+        for name in removals:
+            platform.remove_vm(name)
         order = dependency_order(header.vms)
         if not request.data_only:
             for vm in order:
@@ -329,6 +329,56 @@ def _check_plan(header: RestoreHeader, existing: set[str], request: RestoreReque
         raise UsageError(
             f"VM {', '.join(clash)} already exists; use --replace, or --rename OLD:NEW"
         )
+
+
+def _vm_refs(settings: VMSettings) -> set[str]:
+    """The VMs that `settings` names in VM-valued properties (template, netvm, ...)."""
+    return {str(v) for k, v in settings.properties.items() if PROPERTIES.get(k) == VM_REF and v}
+
+
+def _replace_plan(
+    platform: Platform,
+    store: Store,
+    header: RestoreHeader,
+    existing: set[str],
+    request: RestoreRequest,
+) -> list[str]:
+    """The existing VMs --replace removes, dependents first; refuse before anything changes.
+
+    A VM can only be removed once nothing refers to it, so a replaced VM still used by a VM this
+    restore does not replace is refused up front (UsageError), as is replacing (or importing
+    data into) the VM whose storage agent serves the archive being read.
+    """
+    touched = {vm.name for vm in header.vms if vm.name in existing}
+    if (
+        isinstance(store, QrexecStore)
+        and store.vm in touched
+        and (request.replace or request.data_only)
+    ):
+        raise UsageError(f"VM {store.vm} holds the archive being restored; not touching it")
+    if not request.replace or not touched:
+        return []
+    refs = {
+        vm.name: _vm_refs(platform.vm_settings(vm.name))
+        for vm in platform.list_vms()
+        if vm.klass != "AdminVM"
+    }
+    for name in sorted(touched):
+        users = sorted(u for u, r in refs.items() if name in r and u not in touched)
+        if users:
+            raise UsageError(
+                f"VM {name} is used by {', '.join(users)}, which this restore does not "
+                "replace; restore those too, or use --rename OLD:NEW"
+            )
+    order: list[str] = []
+    left = set(touched)
+    while left:  # remove a VM only once no VM still to be removed refers to it
+        ready = sorted(n for n in left if not any(n in refs[u] for u in left - {n}))
+        if not ready:
+            raise UsageError(f"VMs {', '.join(sorted(left))} refer to each other in a cycle")
+        order += ready
+        left -= set(ready)
+    return order
 
 
 def _consume(channel: WorkerChannel, header: RestoreHeader, request: RestoreRequest) -> None:

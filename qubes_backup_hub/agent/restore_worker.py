@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,16 +42,25 @@ MAX_JOB = 64 * 1024
 
 
 class RelayStore(Store):
-    """A read-only store whose every request is relayed by dom0."""
+    """A read-only store whose every request is relayed by dom0.
+
+    The engine fetches from several threads while the main thread streams DATA frames over the
+    same pipe, and dom0 answers one query at a time, writing its whole reply before it reads on.
+    So `channel_lock` serializes the channel: a query's send and its reply's receipt happen under
+    it as one step, and so does each DATA frame. Without it, frames interleave, and a query
+    flushed behind a blocked DATA write deadlocks both sides (each blocked writing to the other).
+    """
 
     def __init__(self, requests: BinaryIO, replies: BinaryIO) -> None:
         self.url = "relay://dom0"
         self._out, self._in = requests, replies
+        self.channel_lock = threading.Lock()
 
     def _ask(self, op: str, payload: bytes, limit: int) -> bytes:
-        send(self._out, QUERY, bytes((OP[op],)) + payload)
-        self._out.flush()
-        _, reply = receive(self._in, {REPLY: limit + 4096})
+        with self.channel_lock:
+            send(self._out, QUERY, bytes((OP[op],)) + payload)
+            self._out.flush()
+            _, reply = receive(self._in, {REPLY: limit + 4096})
         if not reply or reply[0] != 0:
             raise StoreError(reply[1:].decode("utf-8", "replace")[:300] or "store request failed")
         return reply[1:]
@@ -140,17 +150,24 @@ def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
             for vm in vms:
                 for volume in vm["volumes"]:
                     engine.stream_volume(
-                        store, info["session"], volume["archive_name"], _data_writer(requests)
+                        store,
+                        info["session"],
+                        volume["archive_name"],
+                        _data_writer(requests, store.channel_lock),
                     )
         send(requests, END)
         requests.flush()
 
 
-def _data_writer(out: BinaryIO) -> Callable[[bytes], None]:
+def _data_writer(out: BinaryIO, lock: threading.Lock) -> Callable[[bytes], None]:
+    """Send bytes as DATA frames, each one whole and flushed under the channel lock."""
+
     def write(data: bytes) -> None:
         view = memoryview(data)
         for start in range(0, len(view), MAX_DATA_FRAME):
-            send(out, DATA, view[start : start + MAX_DATA_FRAME])
+            with lock:
+                send(out, DATA, view[start : start + MAX_DATA_FRAME])
+                out.flush()
 
     return write
 
