@@ -37,11 +37,11 @@ from .restore_channel import (
 from .restore_header import RestoreHeader, RestoreVM, RestoreVolume
 from .state import LocalState
 from .store.base import Store
-from .store.qrexec import QrexecStore
+from .store.qrexec import OP, QrexecStore
 from .vm_rules import PROPERTIES, VM_REF, check_vm_name
 
 WORKER_SERVICE = "qbhub.RestoreWorker"
-READ_OPS = {2: "get", 3: "range", 4: "list", 6: "root_get", 10: "exists"}
+READ_OPS = {OP[name]: name for name in ("get", "range", "list", "root_get", "exists")}
 MAX_STORE_REPLY = 80 << 20
 FROM_WORKER = {QUERY: MAX_QUERY, HEADER: MAX_HEADER, DATA: MAX_DATA_FRAME, END: 0, FAIL: MAX_FAIL}
 
