@@ -60,7 +60,8 @@ class Bench:
         result = run_measured(tool, step, argv, env or self.env, self.logs / f"{tool}.log")
         if result.returncode != 0:
             raise SystemExit(f"{tool} {step} failed; see {result.log}")
-        flag = " NOISY" if result.noisy else ""
+        flag = f" (kernel threads {result.kernel_cpu:.1f} s)" if result.kernel_cpu >= 0.05 else ""
+        flag += " NOISY" if result.noisy else ""
         print(f"  {tool:8} {step:34} wall {result.wall:7.2f} s  cpu {result.cpu:7.2f} s{flag}",
               flush=True)  # fmt: skip
         return result

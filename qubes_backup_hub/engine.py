@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +111,15 @@ class Engine(ABC):
 
         raise UsageError("this engine cannot compare an archived volume with a local one")
 
+    def prepare(self, store: Store) -> None:
+        """Optionally do a coming backup's start-up work now (unlock the key, load the index).
+
+        The host may call this from a worker thread while it takes snapshots, after making sure
+        the passphrase needs no prompt; `backup` must still see a root written in between.
+        The default does nothing.
+        """
+        return None
+
     @abstractmethod
     def archive_id(self, store: Store) -> str:
         """The archive ID, readable without the passphrase (snapshot views are kept per archive)."""
@@ -133,3 +144,21 @@ class EngineType:
     description: str
     capabilities: frozenset[str]
     create: Callable[[EngineContext], Engine]
+
+
+@contextmanager
+def engine_prepared(engine: Engine, store: Store, *, background: bool) -> Iterator[None]:
+    """Run `engine.prepare(store)` beside the body (snapshots), or before it.
+
+    With `background` (only when the passphrase needs no prompt) the KDF and the index load
+    overlap the snapshot work; an error from prepare is raised once the body is done, and the
+    body's own error wins over it.
+    """
+    if not background:
+        engine.prepare(store)
+        yield
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="qbhub-prepare") as pool:
+        preparing = pool.submit(engine.prepare, store)
+        yield
+        preparing.result()

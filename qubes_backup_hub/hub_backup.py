@@ -11,7 +11,7 @@ from typing import Any
 
 import pluggy
 
-from .engine import Engine, VolumeSource
+from .engine import Engine, VolumeSource, engine_prepared
 from .errors import NotFoundError, UsageError
 from .platform.base import Platform, VMSettings
 from .snapshot import PlainProvider, SnapshotProvider, VolumeRef
@@ -57,42 +57,21 @@ def backup_vms(
     store: Store,
     hook: pluggy.HookRelay,
     names: list[str],
+    *,
+    prepare_in_background: bool = False,
 ) -> dict[str, Any]:
-    """Back up the VMs `names` as one session; return the engine's result plus the VM list."""
+    """Back up the VMs `names` as one session; return the engine's result plus the VM list.
+
+    With `prepare_in_background` (the passphrase needs no prompt) the engine unlocks the archive
+    while the snapshots are taken.
+    """
     archive_id = engine.archive_id(store)
     documents: list[dict[str, Any]] = []
     sources: list[VolumeSource] = []
     providers: list[SnapshotProvider] = []
     try:
-        for name in names:
-            settings = platform.vm_settings(name)
-            volumes = []
-            for volume in platform.vm_volumes(name):
-                archive_name = f"{name}:{volume.name}"
-                ref = VolumeRef(name=archive_name, path=volume.path, archive_id=archive_id)
-                provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
-                providers.append(provider)
-                view = provider.take()
-                sources.append(
-                    VolumeSource(
-                        archive_name,
-                        view.path,
-                        view.changed_ranges,
-                        view.provider,
-                        view.base_session,
-                    )
-                )
-                volumes.append(
-                    {"name": volume.name, "archive_name": archive_name, "size": volume.size}
-                )
-            documents.append(
-                {
-                    "name": name,
-                    "class": settings.klass,
-                    "settings": settings_document(settings),
-                    "volumes": volumes,
-                }
-            )
+        with engine_prepared(engine, store, background=prepare_in_background):
+            _snapshot_vms(platform, hook, names, archive_id, providers, sources, documents)
         result = engine.backup(store, sources, metadata={"vms": documents})
     except BaseException:
         for provider in providers:
@@ -101,3 +80,42 @@ def backup_vms(
     for provider in providers:
         provider.commit(result["session"])
     return {**result, "vms": [d["name"] for d in documents]}
+
+
+def _snapshot_vms(
+    platform: Platform,
+    hook: pluggy.HookRelay,
+    names: list[str],
+    archive_id: str,
+    providers: list[SnapshotProvider],
+    sources: list[VolumeSource],
+    documents: list[dict[str, Any]],
+) -> None:
+    """Take a snapshot of every volume of `names`, appending to the three lists as it goes."""
+    for name in names:
+        settings = platform.vm_settings(name)
+        volumes = []
+        for volume in platform.vm_volumes(name):
+            archive_name = f"{name}:{volume.name}"
+            ref = VolumeRef(name=archive_name, path=volume.path, archive_id=archive_id)
+            provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
+            providers.append(provider)
+            view = provider.take()
+            sources.append(
+                VolumeSource(
+                    archive_name,
+                    view.path,
+                    view.changed_ranges,
+                    view.provider,
+                    view.base_session,
+                )
+            )
+            volumes.append({"name": volume.name, "archive_name": archive_name, "size": volume.size})
+        documents.append(
+            {
+                "name": name,
+                "class": settings.klass,
+                "settings": settings_document(settings),
+                "volumes": volumes,
+            }
+        )

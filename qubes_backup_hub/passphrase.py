@@ -23,6 +23,14 @@ class PassphraseSource:
     prompt: str = "Passphrase for the archive: "
     value: bytes | None = None  # given directly (e.g. handed to a restore worker by dom0)
 
+    def will_prompt(self) -> bool:
+        """True if get() would ask on the terminal (no value, file or environment variable)."""
+        return (
+            self.value is None
+            and self.file is None
+            and not (self.env_var and os.environ.get(self.env_var))
+        )
+
     def get(self, *, confirm: bool = False) -> bytes:
         """Return the passphrase as UTF-8 bytes; `confirm` asks twice when prompting."""
         if self.value is not None:

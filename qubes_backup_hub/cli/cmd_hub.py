@@ -44,7 +44,14 @@ def backup(
     eng = state.engine(engine, passphrase_file)
     store = state.store(dest)
     try:
-        result = backup_vms(platform, eng, store, state.registry.pm.hook, names)
+        result = backup_vms(
+            platform,
+            eng,
+            store,
+            state.registry.pm.hook,
+            names,
+            prepare_in_background=not state.passphrase_prompts(passphrase_file),
+        )
     finally:
         store.close()
     state.emit(result, fmt.backup_text)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..engine import VolumeSource
+from ..engine import VolumeSource, engine_prepared
 from ..names import check_session_id, check_volume_name
 from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
 from . import format as fmt
@@ -62,17 +62,21 @@ def backup(
     sources: list[VolumeSource] = []
     notes: dict[str, str] = {}
     try:
-        for arg in volumes:
-            path, name = parse_volume_arg(arg)
-            ref = VolumeRef(name=name, path=path, archive_id=archive_id)
-            provider = None if no_snapshot else hook.qbhub_snapshot_provider(volume=ref)
-            provider = provider or PlainProvider(ref)
-            providers.append(provider)
-            view = provider.take()
-            notes[name] = view.note
-            sources.append(
-                VolumeSource(name, view.path, view.changed_ranges, view.provider, view.base_session)
-            )
+        background = not state.passphrase_prompts(passphrase_file)
+        with engine_prepared(eng, store, background=background):
+            for arg in volumes:
+                path, name = parse_volume_arg(arg)
+                ref = VolumeRef(name=name, path=path, archive_id=archive_id)
+                provider = None if no_snapshot else hook.qbhub_snapshot_provider(volume=ref)
+                provider = provider or PlainProvider(ref)
+                providers.append(provider)
+                view = provider.take()
+                notes[name] = view.note
+                sources.append(
+                    VolumeSource(
+                        name, view.path, view.changed_ranges, view.provider, view.base_session
+                    )
+                )
         result = eng.backup(store, sources)
     except BaseException:
         for provider in providers:

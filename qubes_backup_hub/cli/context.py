@@ -52,6 +52,10 @@ class CliState:
         )
         return self.registry.engine(name).create(context)
 
+    def passphrase_prompts(self, passphrase_file: Path | None) -> bool:
+        """True if the engine would have to ask for the passphrase on the terminal."""
+        return PassphraseSource(file=passphrase_file).will_prompt()
+
     def store(self, url: str) -> Store:
         return self.registry.open_store(url)
 

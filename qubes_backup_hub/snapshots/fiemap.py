@@ -14,7 +14,7 @@ import fcntl
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
@@ -46,8 +46,7 @@ XFS_MAGIC = 0x58465342
 FS_NAMES = {BTRFS_MAGIC: "btrfs", XFS_MAGIC: "xfs"}
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     """One FIEMAP extent: logical and physical byte offsets, length, FIEMAP_EXTENT_* flags."""
 
     logical: int
@@ -73,15 +72,10 @@ def fiemap(fd: int, start: int = 0, length: int | None = None) -> list[Extent]:
         mapped = _HEADER.unpack_from(buf, 0)[3]
         if mapped == 0:
             break
-        last = False
-        for k in range(mapped):
-            logical, physical, size, flags = _EXTENT.unpack_from(
-                buf, _HEADER.size + k * _EXTENT.size
-            )
-            extents.append(Extent(logical, physical, size, flags))
-            last = bool(flags & EXTENT_LAST)
+        records = bytes(buf[_HEADER.size : _HEADER.size + mapped * _EXTENT.size])
+        extents.extend(map(Extent._make, _EXTENT.iter_unpack(records)))
         tail = extents[-1]
-        if last or tail.logical + tail.length <= pos:
+        if tail.flags & EXTENT_LAST or tail.logical + tail.length <= pos:
             break
         pos = tail.logical + tail.length
     return extents

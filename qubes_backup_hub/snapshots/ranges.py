@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .fiemap import Extent
+from .fiemap import UNCOMPARABLE, Extent
 
 Range = tuple[int, int]  # (offset, length) in bytes
 
@@ -30,16 +30,21 @@ class RangeList:
         self.ranges.append((offset, length))
 
 
-def _segments(extents: Iterable[Extent], size: int) -> list[tuple[int, int, int | None]]:
+Segment = tuple[int, int, int | None]  # (start, end, physical - logical or None)
+
+
+def _segments(extents: Iterable[Extent], size: int) -> list[Segment]:
     """(start, end, key) per extent clipped to [0, size); key = physical - logical, or None."""
-    out: list[tuple[int, int, int | None]] = []
-    for e in extents:
-        start, end = e.logical, min(e.logical + e.length, size)
-        if end <= start:
+    out: list[Segment] = []
+    last_end = 0
+    for logical, physical, length, flags in extents:
+        end = min(logical + length, size)
+        if end <= logical:
             continue
-        if out and start < out[-1][1]:
+        if logical < last_end:
             raise ValueError("overlapping or unordered FIEMAP extents")
-        out.append((start, end, e.physical - e.logical if e.comparable else None))
+        out.append((logical, end, None if flags & UNCOMPARABLE else physical - logical))
+        last_end = end
     return out
 
 
@@ -49,8 +54,21 @@ def extent_map_diff(old: Iterable[Extent], new: Iterable[Extent], size: int) -> 
     A range is unchanged only if it is a hole in both, or both map it to the same physical bytes
     through extents whose flags allow the comparison (not encoded, inline, delayed or unknown).
     Everything else is reported: false positives are possible, misses are not.
+
+    Extents that appear identically in both maps (same span, same physical address, comparable)
+    are set aside first, so the pointwise walk only visits what differs: within one map extents
+    do not overlap, so a byte under such an extent is under no other extent of either map.
     """
     a, b = _segments(old, size), _segments(new, size)
+    shared = {s for s in a if s[2] is not None}.intersection(b)
+    if shared:
+        a = [s for s in a if s not in shared]
+        b = [s for s in b if s not in shared]
+    return _pointwise_diff(a, b, size)
+
+
+def _pointwise_diff(a: list[Segment], b: list[Segment], size: int) -> list[Range]:
+    """The ranges where the coverage of two disjoint, ordered segment lists differs."""
     changed = RangeList()
     i = j = pos = 0
     while pos < size:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 
 from ..errors import StoreError, UsageError
 from ..snapshot import SnapshotProvider, SnapshotView, VolumeRef
@@ -48,6 +49,7 @@ class ReflinkProvider(SnapshotProvider):
         self.new_view: str | None = None
         self.new_size = 0
         self.new_inode = 0
+        self._syncing: _Fsync | None = None
 
     # -- the SnapshotProvider interface --------------------------------------------------------
 
@@ -79,6 +81,8 @@ class ReflinkProvider(SnapshotProvider):
             raise
         finally:
             os.close(src)
+        # The clone must be durable before a sidecar names it; flush it while the backup runs.
+        self._syncing = _Fsync(path)
         return SnapshotView(
             path=path,
             changed_ranges=changed,
@@ -97,11 +101,9 @@ class ReflinkProvider(SnapshotProvider):
             old = read_record(self.record_path)
         except ViewRecordError:
             old = None
-        fd = os.open(self.new_view, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)  # the clone's extent references must be durable before the sidecar
-        finally:
-            os.close(fd)
+        if not self._synced():
+            self.abort()  # not durable: keeping it could mislead the next backup after a crash
+            return
         record = ViewRecord(
             archive_id=self.volume.archive_id,
             volume=self.volume.name,
@@ -116,9 +118,15 @@ class ReflinkProvider(SnapshotProvider):
             _unlink(os.path.join(self.views_dir, old.view))
 
     def abort(self) -> None:
+        self._synced()
         if self.new_view is not None:
             _unlink(self.new_view)
             self.new_view = None
+
+    def _synced(self) -> bool:
+        """Wait for the new view's fsync; True if it is durable."""
+        syncing, self._syncing = self._syncing, None
+        return syncing is not None and syncing.wait()
 
     # -- change detection ----------------------------------------------------------------------
 
@@ -156,6 +164,31 @@ class ReflinkProvider(SnapshotProvider):
         except ValueError as exc:
             return None, None, f"kept view unusable: {exc}"
         return ranges, record.base_session, ""
+
+
+class _Fsync:
+    """fsync() of one file on a background thread; wait() says whether it succeeded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.ok = False
+        self.thread = threading.Thread(target=self._run, name="qbhub-view-fsync", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.ok = True
+        except OSError:
+            self.ok = False
+
+    def wait(self) -> bool:
+        self.thread.join()
+        return self.ok
 
 
 def _unlink(path: str) -> None:

@@ -64,8 +64,7 @@ def run_session(
     previous = previous_volumes(repo, set(names))
     repo.store.remove_partial_uploads()  # we hold the lock: no other writer is mid-upload
     writer = BlobWriter(repo)
-    referenced = {loc.pack for _, loc in repo.index.items()}
-    writer.reuse_orphan_packs(referenced)
+    writer.reuse_orphan_packs(repo.index.packs())
     # Reads release the GIL, and a full scan is bound by the disk: enough threads to keep several
     # direct reads in flight (measured: 8 threads read 2 GiB 25-30% faster than 4 on 2 cores).
     workers = workers or 2 * (os.cpu_count() or 2) + 4

@@ -27,6 +27,9 @@ from .session import VolumeRecord
 from .tree import ID_BYTES, ZERO_ID, Geometry, build_upper, encode_page, leaf_ids
 from .writer import BlobWriter
 
+PREFETCH_THREADS = 4  # previous leaf pages read ahead at once (random reads of the archive)
+PREFETCH_AHEAD = 32  # leaves requested ahead of the one being assembled
+
 # (chunk index, ID, sealed blob or None when already known, raw length)
 ChunkResult = tuple[int, bytes, Bytes | None, int]
 
@@ -84,7 +87,20 @@ class VolumeBackup:
             if changed_mode and previous is not None
             else None
         )
-        assembler = LeafAssembler(self.repo, self.writer, geometry, ranges, previous_leaves)
+        with ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="qbhub-page") as page_pool:
+            pages = LeafPrefetcher(self.repo, page_pool, geometry, ranges, previous_leaves)
+            assembler = LeafAssembler(self.writer, geometry, ranges, previous_leaves, pages)
+            return self._run(source, stream, geometry, ranges, assembler, changed_mode)
+
+    def _run(
+        self,
+        source: VolumeSource,
+        stream: VolumeStream,
+        geometry: Geometry,
+        ranges: ChunkRanges,
+        assembler: LeafAssembler,
+        changed_mode: bool,
+    ) -> VolumeRecord:
         stats = VolumeRecord(
             name=source.name,
             size=geometry.size,
@@ -161,18 +177,79 @@ class VolumeBackup:
         return out
 
 
+class LeafPrefetcher:
+    """Loads the previous leaf pages that the session will rebuild, a bounded distance ahead.
+
+    An incremental rebuilds every leaf its scanned ranges touch, from the previous session's leaf.
+    Those loads are random reads of the archive; issuing them ahead on a few threads overlaps them
+    with the data reads instead of paying for each in turn on the consuming thread.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        pool: ThreadPoolExecutor,
+        geometry: Geometry,
+        ranges: ChunkRanges,
+        previous_leaves: list[bytes] | None,
+        ahead: int = PREFETCH_AHEAD,
+    ) -> None:
+        self.repo = repo
+        self.pool = pool
+        self.geometry = geometry
+        self.ahead = ahead
+        self.todo: deque[tuple[int, bytes]] = deque()
+        self.in_flight: deque[tuple[int, Future[bytes]]] = deque()
+        if previous_leaves is not None:
+            self.todo.extend(
+                (leaf, previous_leaves[leaf])
+                for leaf in _touched_leaves(ranges, geometry.fanout, len(previous_leaves))
+                if previous_leaves[leaf] != ZERO_ID
+            )
+        self._top_up()
+
+    def load(self, leaf: int, page_id: bytes) -> bytes:
+        """Leaf `leaf` of the previous session (ID `page_id`), prefetched if it was foreseen."""
+        while self.in_flight and self.in_flight[0][0] < leaf:
+            self.in_flight.popleft()[1].cancel()
+        while self.todo and self.todo[0][0] < leaf:
+            self.todo.popleft()
+        if self.in_flight and self.in_flight[0][0] == leaf:
+            future = self.in_flight.popleft()[1]
+            self._top_up()
+            return future.result()
+        return self._load(leaf, page_id)
+
+    def _top_up(self) -> None:
+        while self.todo and len(self.in_flight) < self.ahead:
+            leaf, page_id = self.todo.popleft()
+            self.in_flight.append((leaf, self.pool.submit(self._load, leaf, page_id)))
+
+    def _load(self, leaf: int, page_id: bytes) -> bytes:
+        return self.repo.load_page(page_id, 0, self.geometry.children(0, leaf))
+
+
+def _touched_leaves(ranges: ChunkRanges, fanout: int, leaf_count: int) -> Iterator[int]:
+    """Leaves holding at least one chunk of `ranges`, ascending, each once."""
+    last = -1
+    for a, b in ranges.ranges:
+        for leaf in range(max(a // fanout, last + 1), min((b - 1) // fanout + 1, leaf_count)):
+            yield leaf
+            last = leaf
+
+
 class LeafAssembler:
     """Collects chunk IDs in volume order into leaf pages, reusing unchanged previous leaves."""
 
     def __init__(
         self,
-        repo: Repository,
         writer: BlobWriter,
         geometry: Geometry,
         ranges: ChunkRanges,
         previous_leaves: list[bytes] | None,
+        pages: LeafPrefetcher,
     ) -> None:
-        self.repo = repo
+        self.pages = pages
         self.writer = writer
         self.geometry = geometry
         self.ranges = ranges
@@ -227,7 +304,7 @@ class LeafAssembler:
         previous = self._untouched_id()
         if previous == ZERO_ID:
             return bytearray(count * ID_BYTES)
-        entries = bytearray(self.repo.load_page(previous, 0, count))
+        entries = bytearray(self.pages.load(self.current, previous))
         first, end = self._span()
         for a, b in self.ranges.clip(first, end):
             entries[(a - first) * ID_BYTES : (b - first) * ID_BYTES] = bytes((b - a) * ID_BYTES)

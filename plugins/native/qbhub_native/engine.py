@@ -53,12 +53,17 @@ class NativeEngine(Engine):
     def _open(self, store: Store, *, fresh: bool = False) -> Repository:
         """Open `store` once per engine and store object (one KDF run, one index load).
 
-        Writers pass `fresh=True` (under the store lock) so they never act on a stale root.
+        Writers pass `fresh=True` (under the store lock) so they never act on a stale root; the
+        root is then read again, and the cached key and index are reused only if they still fit.
         """
         cached = self._repos.get(id(store))
-        if cached is not None and cached.store is store and not fresh:
+        if cached is not None and cached.store is not store:
+            cached = None
+        if cached is not None and not fresh:
             return cached
-        repo = Repository.open(store, lambda: self.context.passphrase.get(), self.state)
+        repo = Repository.open(
+            store, lambda: self.context.passphrase.get(), self.state, reuse=cached
+        )
         self._repos[id(store)] = repo
         return repo
 
@@ -70,6 +75,9 @@ class NativeEngine(Engine):
             "updated": repo.body.updated,
             "first_contact": repo.info.first_contact,
         }
+
+    def prepare(self, store: Store) -> None:
+        self._open(store)
 
     def init_archive(self, store: Store, *, encryption: bool) -> dict[str, Any]:
         if store.exists():

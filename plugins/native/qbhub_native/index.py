@@ -2,6 +2,10 @@
 
 Encoded index (the plaintext of an INDEX blob): b"QBIX" || u32 pack count || per pack:
 (32-byte pack hash, u32 entry count, entries as in the pack trailer). All little-endian.
+
+In memory the index keeps each pack's entry records as the bytes they were decoded from and maps
+an ID to the record's position; a location is unpacked only when it is asked for. Loading an
+archive therefore costs one dict insertion per blob and no per-entry objects.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from qubes_backup_hub.errors import IntegrityError
 from .pack import ENTRY, PackEntry
 
 INDEX_MAGIC = b"QBIX"
+_ID_START, _ID_END = 1, 33  # the blob ID's bytes inside an ENTRY record
+_POSITION_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -28,11 +34,20 @@ class BlobLocation:
     type_code: int
 
 
+@dataclass(frozen=True)
+class PackTable:
+    """One pack's entries as they are encoded: `records` is a run of ENTRY records."""
+
+    pack: str
+    records: bytes
+
+
 class Index:
     """ID -> BlobLocation for every blob the archive (or a session being written) holds."""
 
     def __init__(self) -> None:
-        self._by_id: dict[bytes, BlobLocation] = {}
+        self._tables: list[PackTable] = []
+        self._by_id: dict[bytes, int] = {}  # ID -> table number << 32 | record position
 
     def __contains__(self, blob_id: object) -> bool:
         return blob_id in self._by_id
@@ -41,23 +56,46 @@ class Index:
         return len(self._by_id)
 
     def get(self, blob_id: bytes) -> BlobLocation | None:
-        return self._by_id.get(blob_id)
+        code = self._by_id.get(blob_id)
+        if code is None:
+            return None
+        table = self._tables[code >> _POSITION_BITS]
+        type_code, _, offset, length, raw_length = ENTRY.unpack_from(
+            table.records, code & ((1 << _POSITION_BITS) - 1)
+        )
+        return BlobLocation(table.pack, offset, length, raw_length, type_code)
 
     def add_pack(self, pack: str, entries: Iterable[PackEntry]) -> None:
         """Record every entry of `pack`; an ID already known keeps its first location."""
-        for e in entries:
-            if e.blob_id not in self._by_id:
-                self._by_id[e.blob_id] = BlobLocation(
-                    pack, e.offset, e.length, e.raw_length, e.type_code
-                )
+        records = b"".join(
+            ENTRY.pack(e.type_code, e.blob_id, e.offset, e.length, e.raw_length) for e in entries
+        )
+        self.add_table(PackTable(pack, records))
+
+    def add_table(self, table: PackTable) -> None:
+        """Record a pack's encoded entries; an ID already known keeps its first location."""
+        if len(table.records) % ENTRY.size or len(table.records) >> _POSITION_BITS:
+            raise IntegrityError(f"the index entries of pack {table.pack} have a bad length")
+        base = len(self._tables) << _POSITION_BITS
+        self._tables.append(table)
+        records, known = table.records, self._by_id
+        for pos in range(0, len(records), ENTRY.size):
+            known.setdefault(records[pos + _ID_START : pos + _ID_END], base | pos)
+
+    def packs(self) -> set[str]:
+        """Every pack the index lists (also packs whose blobs are all found elsewhere first)."""
+        return {t.pack for t in self._tables}
 
     def items(self) -> Iterator[tuple[bytes, BlobLocation]]:
-        return iter(self._by_id.items())
+        for blob_id in self._by_id:
+            loc = self.get(blob_id)
+            assert loc is not None
+            yield blob_id, loc
 
     def by_pack(self) -> dict[str, list[PackEntry]]:
         """Group entries by pack, in offset order: the shape the encoded index uses."""
         packs: dict[str, list[PackEntry]] = {}
-        for blob_id, loc in self._by_id.items():
+        for blob_id, loc in self.items():
             packs.setdefault(loc.pack, []).append(
                 PackEntry(loc.type_code, blob_id, loc.offset, loc.length, loc.raw_length)
             )
@@ -77,28 +115,30 @@ def encode_index(packs: dict[str, list[PackEntry]]) -> bytes:
     return bytes(out)
 
 
-def decode_index(data: bytes) -> dict[str, list[PackEntry]]:
-    """Parse index plaintext (already authenticated); IntegrityError on any inconsistency."""
+def decode_index(data: bytes) -> list[PackTable]:
+    """Split index plaintext (already authenticated) into per-pack tables, in file order.
+
+    IntegrityError on any inconsistency: bad magic, a count that runs past the end, trailing bytes.
+    """
     try:
         if data[:4] != INDEX_MAGIC:
             raise IntegrityError("index object has a bad magic")
         (npacks,) = struct.unpack_from("<I", data, 4)
         pos = 8
-        packs: dict[str, list[PackEntry]] = {}
+        tables: list[PackTable] = []
         for _ in range(npacks):
+            if pos + 36 > len(data):
+                raise IntegrityError("index object is truncated")
             name = "p" + data[pos : pos + 32].hex()
             (count,) = struct.unpack_from("<I", data, pos + 32)
             pos += 36
-            if pos + count * ENTRY.size > len(data):
+            end = pos + count * ENTRY.size
+            if end > len(data):
                 raise IntegrityError("index object is truncated")
-            entries = []
-            for _ in range(count):
-                t, blob_id, offset, length, raw_length = ENTRY.unpack_from(data, pos)
-                entries.append(PackEntry(t, blob_id, offset, length, raw_length))
-                pos += ENTRY.size
-            packs[name] = entries
+            tables.append(PackTable(name, data[pos:end]))
+            pos = end
         if pos != len(data):
             raise IntegrityError("index object has trailing bytes")
-        return packs
+        return tables
     except struct.error:
         raise IntegrityError("index object is truncated") from None

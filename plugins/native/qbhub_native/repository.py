@@ -77,6 +77,7 @@ class Repository:
         self.state = state
         self.index = Index()
         self.info = OpenInfo(first_contact, body.generation, body.updated)
+        self.root_bytes = b""  # the stored root this object reflects (set by open and commit)
 
     # -- creating and opening -------------------------------------------------------------
 
@@ -109,14 +110,29 @@ class Repository:
         return repo
 
     @classmethod
-    def open(cls, store: Store, passphrase: Callable[[], bytes], state: LocalState) -> Repository:
-        """Open and authenticate the archive; raise on rollback, bad passphrase or damage."""
+    def open(
+        cls,
+        store: Store,
+        passphrase: Callable[[], bytes],
+        state: LocalState,
+        *,
+        reuse: Repository | None = None,
+    ) -> Repository:
+        """Open and authenticate the archive; raise on rollback, bad passphrase or damage.
+
+        `reuse`, an earlier opening of the same store, saves work that still fits the root read
+        now: its master key when the header wraps it identically (same wrapped bytes and KDF, so
+        unwrapping would give the same key), and its index when the whole root is byte-identical.
+        Every check below still runs on the root read now.
+        """
         data = store.get_root(MAX_ROOT)
         if data is None:
             raise NotFoundError(f"no qbhub archive at {store.url} (run `qbhub init` first)")
         raw_header, header, sealed = split_root(data)
         archive_id = bytes.fromhex(header.archive_id)
-        if header.suite == SUITE_AES:
+        if reuse is not None and reuse.header == header:
+            master = reuse.master_key
+        elif header.suite == SUITE_AES:
             if not header.wrapped_key or not header.kdf:
                 raise IntegrityError("the archive root lacks its wrapped key")
             master = unwrap_key(
@@ -147,7 +163,11 @@ class Repository:
                 f"but generation {known.generation} was seen here on {seen}"
             )
         repo = cls(store, header, body, master, state, first_contact=known is None)
-        repo._load_indexes()
+        repo.root_bytes = data
+        if reuse is not None and reuse.root_bytes == data:
+            repo.index = reuse.index
+        else:
+            repo._load_indexes()
         state.remember(header.archive_id, body.generation, identity)
         return repo
 
@@ -163,8 +183,8 @@ class Repository:
         # A sealed index is never longer than its raw form + flag byte + sealing overhead.
         sealed = self.store.get(name, raw_length + 1 + self.sealer.overhead)
         plain = self.codec.decode(BlobType.INDEX, index_id, sealed, raw_length)
-        for pack, entries in decode_index(plain).items():
-            into.add_pack(pack, entries)
+        for table in decode_index(plain):
+            into.add_table(table)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -208,7 +228,9 @@ class Repository:
         """Write the root with the next generation; the only mutation of the archive."""
         self.body.generation += 1
         self.body.updated = utc_now()
-        self.store.put_root(encode_root(self.header, self.body, self.sealer))
+        root = encode_root(self.header, self.body, self.sealer)
+        self.store.put_root(root)
+        self.root_bytes = root
         self.state.remember(
             self.header.archive_id,
             self.body.generation,

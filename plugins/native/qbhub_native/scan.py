@@ -35,13 +35,27 @@ def scan_ranges(
 
 
 def data_chunk_ranges(
-    stream: VolumeStream, geometry: Geometry, ranges: list[tuple[int, int]]
+    stream: VolumeStream,
+    geometry: Geometry,
+    ranges: list[tuple[int, int]],
+    probe_from: int = WINDOW_CHUNKS,
 ) -> Iterator[tuple[int, int]]:
-    """Chunk ranges inside `ranges` that hold data (holes skipped), merged and in order."""
+    """Chunk ranges inside `ranges` that hold data (holes skipped), merged and in order.
+
+    Only ranges of at least `probe_from` chunks are probed for holes; shorter ones (the typical
+    changed range of an incremental) are read whole, because two seeks per range cost more than
+    reading a hole's few zero chunks, which the backup recognises as zero anyway.
+    """
     c = geometry.chunk_size
     pending: tuple[int, int] | None = None
     for first, end in ranges:
-        for off, length in stream.data_extents(first * c, min(end * c, geometry.size)):
+        if end - first < probe_from:
+            extents: Iterable[tuple[int, int]] = [
+                (first * c, min(end * c, geometry.size) - first * c)
+            ]
+        else:
+            extents = stream.data_extents(first * c, min(end * c, geometry.size))
+        for off, length in extents:
             span = (off // c, min(end, -(-(off + length) // c)))
             if pending and span[0] <= pending[1]:
                 pending = (pending[0], max(pending[1], span[1]))
