@@ -234,3 +234,22 @@ def test_backup_json_reports_provider_and_bytes(
     rewrite_blocks(image, [4], seed=5)
     text = qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk").stdout
     assert f"read 64.0 KiB (reflink-{fs[0]})" in text
+
+
+def test_wrong_passphrase_keeps_the_old_view_and_drops_the_new(
+    fs: tuple[str, Path], workdir: Path, qbhub: Qbhub, tmp_path: Path
+) -> None:
+    """The key is unlocked on a thread while the clone is taken; its failure aborts the clone."""
+    archive = init(qbhub, tmp_path / "archive", encrypted=True)
+    image = write_image(workdir / "vol.img", 64, seed=6)
+    backup(qbhub, archive, image)
+    views = kept_views(image)
+    sidecar = next((image.parent / VIEWS_DIR).glob("*.json")).read_bytes()
+    rewrite_blocks(image, [5], seed=7)
+    result = qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk", check=False,
+                       env={"QBHUB_PASSPHRASE": "wrong"})  # fmt: skip
+    assert result.returncode == 5 and "Traceback" not in result.stderr, result.stderr
+    assert kept_views(image) == views and len(views) == 1
+    assert next((image.parent / VIEWS_DIR).glob("*.json")).read_bytes() == sidecar
+    again = backup(qbhub, archive, image)
+    assert again["provider"] == f"reflink-{fs[0]}" and again["bytes_read"] == CHUNK
