@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -10,7 +11,6 @@ import click
 from .. import __version__
 from ..errors import QbhubError
 from ..tuning import tune_allocator
-from . import cmd_archive, cmd_demo, cmd_diff, cmd_engines, cmd_hub, cmd_key, cmd_local, cmd_volume
 from .context import CliState
 
 EPILOG = """\b
@@ -26,26 +26,51 @@ detection) lives in $QBHUB_HOME (default ~/.local/share/qbhub).
 """
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# Command name -> "module:attribute" in this package; imported only when the command runs (or
+# when --help lists them), so a backup does not pay for the demo's or the restore's imports.
+COMMANDS = {
+    "init": "cmd_archive:init",
+    "list": "cmd_archive:list_cmd",
+    "verify": "cmd_archive:verify",
+    "prune": "cmd_archive:prune",
+    "volume": "cmd_volume:volume",
+    "key": "cmd_key:key",
+    "engines": "cmd_engines:engines",
+    "demo": "cmd_demo:demo",
+    "diff": "cmd_diff:diff",
+    "backup": "cmd_hub:backup",
+    "restore": "cmd_hub:restore",
+    "local": "cmd_local:local",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands (COMMANDS) are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        module = importlib.import_module(f".{module_name}", __package__)
+        command = getattr(module, attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(
+    cls=LazyGroup,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="qbhub")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """qbhub, the Qubes Backup Hub: encrypted, authenticated, incremental backups."""
     ctx.ensure_object(CliState)
-
-
-cli.add_command(cmd_archive.init)
-cli.add_command(cmd_archive.list_cmd)
-cli.add_command(cmd_archive.verify)
-cli.add_command(cmd_archive.prune)
-cli.add_command(cmd_volume.volume)
-cli.add_command(cmd_key.key)
-cli.add_command(cmd_engines.engines)
-cli.add_command(cmd_demo.demo)
-cli.add_command(cmd_diff.diff)
-cli.add_command(cmd_hub.backup)
-cli.add_command(cmd_hub.restore)
-cli.add_command(cmd_local.local)
 
 
 def main(argv: list[str] | None = None) -> int:
