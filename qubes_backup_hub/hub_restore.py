@@ -19,6 +19,7 @@ import pluggy
 
 from .errors import IntegrityError, NotFoundError, QbhubError, RollbackError, UsageError
 from .platform.base import Platform, ServiceProcess, VMSettings
+from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, release
 from .restore_channel import (
     DATA,
     END,
@@ -267,6 +268,8 @@ def _run_worker(
     process = platform.dispvm_service(WORKER_SERVICE)
     channel = WorkerChannel(process, store)
     created: list[str] = []
+    held: list[HeldVM] = []
+    removed: list[str] = []
     try:
         channel.start(job)
         kind, payload = channel.next_frame()
@@ -281,8 +284,10 @@ def _run_worker(
         if not do_import:
             _consume(channel, header, request)
             return {"session": header.session}
+        held = hold_vms(platform, removals)
         for name in removals:
             platform.remove_vm(name)
+            removed.append(name)
         order = dependency_order(header.vms)
         if not request.data_only:
             for vm in order:
@@ -301,20 +306,36 @@ def _run_worker(
             for vm in order:
                 failed += [f"{vm.name}: {f}" for f in platform.apply_settings(_settings_of(vm))]
         state.remember(str(facts["archive_id"]), int(facts["generation"]), str(facts["identity"]))
-    except BaseException:
+    except BaseException as exc:
         process.kill()
         for name in reversed(created):
             with contextlib.suppress(QbhubError):
                 platform.remove_vm(name)
+        _recover(platform, held, removed, exc)
         raise
     finally:
         process.wait(timeout=60)
+    leftover = release(platform, held)
     return {
         "session": header.session,
         "vms": [vm.name for vm in order],
         "bytes_imported": imported,
-        "settings_failed": failed,
+        "settings_failed": failed + [f"holder VM {h} could not be removed" for h in leftover],
     }
+
+
+def _recover(
+    platform: Platform, held: list[HeldVM], removed: list[str], exc: BaseException
+) -> None:
+    """After a failed restore: bring back the replaced VMs (see replace_guard), or say why not."""
+    if not held:
+        return
+    problems = bring_back(platform, [h for h in held if h.name in removed])
+    release(platform, [h for h in held if h.name not in removed])
+    if problems:
+        raise RecoveryError(
+            f"{exc}; then not every replaced VM could be brought back: {'; '.join(problems)}"
+        ) from exc
 
 
 def _check_plan(header: RestoreHeader, existing: set[str], request: RestoreRequest) -> None:

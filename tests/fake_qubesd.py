@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -228,6 +229,7 @@ class FakeQubesd:
         self.requests: list[tuple[str, str, str, bytes]] = []
         self.imports: dict[tuple[str, str], bytes] = {}
         self.pending: dict[tuple[str, str], Path] = {}
+        self.clone_tokens: dict[str, tuple[str, str]] = {}
         self.overrides: dict[tuple[str, str], bytes] = {}  # (method, dest) -> raw response
         self.dispid = 4711
         self.lock = threading.Lock()
@@ -397,6 +399,27 @@ class FakeQubesd:
         if arg not in vm.volumes:
             raise Refuse  # qubesd: enforce(arg in volumes) -> ProtocolError
         return "".join(f"{k}={v}\n" for k, v in vm.volumes[arg].items())
+
+    def m_admin_vm_volume_CloneFrom(self, vm: VM, arg: str, payload: bytes) -> str:
+        if arg not in vm.volumes:
+            raise Refuse
+        token = secrets.token_hex(16)  # qubesd: a random one-time token
+        self.clone_tokens[token] = (vm.name, arg)
+        return token
+
+    def m_admin_vm_volume_CloneTo(self, vm: VM, arg: str, payload: bytes) -> str:
+        if arg not in vm.volumes:
+            raise Refuse
+        source = self.clone_tokens.pop(payload.decode("ascii", "replace").strip(), None)
+        if source is None or source[0] not in self.vms:
+            raise Refuse  # unknown or used token, or the source VM is gone
+        src_vm, src_volume = self.vms[source[0]], source[1]
+        vm.volumes[arg]["size"] = src_vm.volumes[src_volume]["size"]
+        if source in self.imports:
+            self.imports[(vm.name, arg)] = self.imports[source]
+        else:
+            self.imports.pop((vm.name, arg), None)
+        return ""
 
     def m_admin_pool_List(self, vm: VM, arg: str, payload: bytes) -> str:
         return "".join(f"{p}\n" for p in self.pools)

@@ -26,6 +26,7 @@ from qubes_backup_hub.platform.qubes.wire import (
     QubesdSocket,
     encode_request,
 )
+from qubes_backup_hub.replace_guard import bring_back, hold_vms
 
 FAKE = str(Path(__file__).parent / "fake_qubesd.py")
 
@@ -264,3 +265,27 @@ def test_dispvm_service_creates_and_kills(
     assert proc.stdout.read().startswith(f"args: -d {name} DEFAULT:QUBESRPC".encode())
     assert proc.wait(10) == 0
     assert name not in qubesd.vms  # killed, auto-cleaned
+
+
+def test_replaced_vm_is_held_and_brought_back_through_clone_tokens(
+    qp: QubesPlatform, qubesd: fake_qubesd.FakeQubesd
+) -> None:
+    """replace_guard on the Admin API: CloneFrom/CloneTo into a holder, then back again."""
+    data = os.urandom(200_000)
+    qp.import_volume("vault", "private", len(data), io.BytesIO(data))
+    before = qp.vm_settings("vault")
+    (held,) = hold_vms(qp, ["vault"])
+    assert held.holder == "qbk-vault" and held.volumes == ("private",)
+    assert qubesd.vms["qbk-vault"].klass == "StandaloneVM"
+    clone_calls = [r for r in qubesd.requests if r[0].startswith("admin.vm.volume.Clone")]
+    (frm, to) = clone_calls
+    assert frm[:3] == ("admin.vm.volume.CloneFrom", "vault", "private")
+    assert to[:3] == ("admin.vm.volume.CloneTo", "qbk-vault", "private")
+    assert qubesd.imports[("qbk-vault", "private")] == data
+    with pytest.raises(QubesApiError):  # a token works once
+        qp.api._call("admin.vm.volume.CloneTo", "qbk-vault", "private", to[3])
+    qp.remove_vm("vault")
+    assert bring_back(qp, [held]) == []
+    assert "qbk-vault" not in qubesd.vms
+    assert qubesd.imports[("vault", "private")] == data
+    assert qp.vm_settings("vault") == before

@@ -20,6 +20,8 @@ import pytest
 from conftest import CHUNK, Qbhub, rewrite_blocks, write_image
 from loopfs import loop_filesystem
 
+from qubes_backup_hub.platform.local.pools import Pools
+from qubes_backup_hub.snapshots.fiemap import fiemap
 from qubes_backup_hub.snapshots.reflink import VIEWS_DIR
 
 pytestmark = pytest.mark.root
@@ -253,3 +255,17 @@ def test_wrong_passphrase_keeps_the_old_view_and_drops_the_new(
     assert next((image.parent / VIEWS_DIR).glob("*.json")).read_bytes() == sidecar
     again = backup(qbhub, archive, image)
     assert again["provider"] == f"reflink-{fs[0]}" and again["bytes_read"] == CHUNK
+
+
+def test_local_pool_clone_shares_extents(fs: tuple[str, Path], workdir: Path) -> None:
+    """LocalPlatform's clone_volume (used to hold VMs that --replace removes) is a reflink here."""
+    pools = Pools(workdir / "pools")
+    source = pools.volume_path("default", "work", "private")
+    source.parent.mkdir(parents=True)
+    write_image(source, 32, seed=9)
+    pools.clone_volume("default", "work", "default", "qbk-work", "private")
+    clone = pools.volume_path("default", "qbk-work", "private")
+    assert digest(clone) == digest(source)
+    with open(source, "rb") as a, open(clone, "rb") as b:
+        shared = [e.physical for e in fiemap(a.fileno()) if e.comparable]
+        assert shared and shared == [e.physical for e in fiemap(b.fileno()) if e.comparable]

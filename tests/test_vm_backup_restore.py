@@ -14,13 +14,18 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from conftest import PASSPHRASE, Qbhub
 
+from qubes_backup_hub.errors import StoreError
+from qubes_backup_hub.hub_restore import RestoreRequest, restore_vms
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
+from qubes_backup_hub.registry import load_registry
+from qubes_backup_hub.replace_guard import holder_name
+from qubes_backup_hub.state import LocalState
 
 SIZE = "8M"
 MIB = 1 << 20
@@ -383,3 +388,68 @@ def test_demo_is_bit_exact(qbhub: Qbhub, tmp_path: Path) -> None:
     assert report["checks"] and all(c["bit_exact"] for c in report["checks"]), report["checks"]
     assert {"restore-renamed", "restore-all"} <= {c["kind"] for c in report["checks"]}
     assert not qbhub.home.exists()  # the user's own QBHUB_HOME is never touched
+
+
+class ImportFailsAfter(LocalPlatform):
+    """The LocalPlatform, but the storage fails once `good` volumes were imported."""
+
+    def __init__(self, home: Path, good: int) -> None:
+        super().__init__(home)
+        self.good = good
+
+    def import_volume(self, vm: str, volume: str, size: int, data: IO[bytes]) -> None:
+        if self.good == 0:
+            raise StoreError(f"test: the pool is full while importing {vm}:{volume}")
+        self.good -= 1
+        super().import_volume(vm, volume, size, data)
+
+
+def restore_in_process(q: Qbhub, world: World, platform: LocalPlatform, vms: list[str]) -> None:
+    """`qbhub restore VMS --replace`, called the way cmd_hub calls it, on `platform`."""
+    registry = load_registry()
+    store = registry.open_store(str(world.archive))
+    try:
+        restore_vms(
+            platform,
+            store,
+            registry.pm.hook,
+            LocalState(q.home),
+            PASSPHRASE.encode(),
+            RestoreRequest(vms=vms, replace=True),
+        )
+    finally:
+        store.close()
+
+
+def test_failed_replace_brings_the_replaced_vms_back(world: World, tmp_path: Path) -> None:
+    """Pass 2 of --replace fails after removing the VMs: they come back as they were."""
+    q = world.copy(tmp_path)
+    q.run("local", "vm-set", "standalone", "label", "orange")
+    q.run("local", "vm-remove", "dvm")  # it uses `work`, which this restore replaces
+    scribble(vm_docs(q)["standalone"]["volumes"][1]["path"], 78)
+    scribble(vm_docs(q)["work"]["volumes"][0]["path"], 79)
+    docs, hashes = vm_docs(q), volume_hashes(q)
+    assert hashes["standalone:private"] != world.hashes[1]["standalone:private"]
+    platform = ImportFailsAfter(q.home, good=2)  # fails on the third of the four volumes
+    with pytest.raises(StoreError, match="pool is full"):
+        restore_in_process(q, world, platform, ["standalone", "work"])
+    assert vm_docs(q) == docs  # same VMs (no holders left), same settings, same volume files
+    assert volume_hashes(q) == hashes
+
+
+def test_replace_leaves_no_holder_behind(world: World, tmp_path: Path) -> None:
+    q = world.copy(tmp_path)
+    q.run("local", "vm-remove", "dvm")
+    restore_in_process(q, world, LocalPlatform(q.home), ["standalone", "work"])
+    docs = vm_docs(q)
+    assert sorted(docs) == sorted(n for n in world.settings if n != "dvm")
+    hashes = volume_hashes(q)
+    assert hashes["work:private"] == world.hashes[1]["work:private"]
+    assert hashes["standalone:root"] == world.hashes[1]["standalone:root"]
+
+
+def test_holder_names() -> None:
+    assert holder_name("work", set()) == "qbk-work"
+    assert holder_name("work", {"qbk-work"}) == "qbk1-work"
+    long = "a" * 31
+    assert holder_name(long, set()) == ("qbk-" + long)[:31]

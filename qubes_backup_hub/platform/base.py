@@ -110,6 +110,13 @@ class Platform(ABC):
         """Replace a volume's content with exactly `size` bytes read from `data`."""
 
     @abstractmethod
+    def clone_volume(self, src_vm: str, dst_vm: str, volume: str) -> None:
+        """Make `dst_vm`'s `volume` an exact copy of `src_vm`'s (size included).
+
+        Cheap where the pool can share blocks (reflink files, thin LVM); the source is unchanged.
+        """
+
+    @abstractmethod
     def remove_vm(self, vm: str) -> None:
         """Delete a VM and its volumes."""
 

@@ -182,6 +182,14 @@ class LocalPlatform(Platform):
             raise NotFoundError(f"a {record.klass} owns no volume {volume[:40]!r}")
         self.pools.import_volume(record.pool, vm, volume, size, data)
 
+    def clone_volume(self, src_vm: str, dst_vm: str, volume: str) -> None:
+        state = self.state_file.load()
+        src, dst = state.get(src_vm), state.get(dst_vm)
+        for record in (src, dst):
+            if volume not in own_volumes(record.klass):
+                raise NotFoundError(f"a {record.klass} owns no volume {volume[:40]!r}")
+        self.pools.clone_volume(src.pool, src_vm, dst.pool, dst_vm, volume)
+
     def remove_vm(self, vm: str) -> None:
         if vm == ADMIN_VM:
             raise UsageError("dom0 can't be removed")

@@ -7,9 +7,12 @@ once exactly the promised number of bytes has arrived, so no reader ever sees a 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -25,6 +28,7 @@ SIZE = re.compile(r"([0-9]{1,16})\s*(?:([KMGTP])(?:i?B)?|B)?", re.IGNORECASE)
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 COPY_CHUNK = 1 << 20
 ZEROS = bytes(COPY_CHUNK)
+FICLONE = 0x40049409  # _IOW(0x94, 9, int): share every extent of another file
 
 
 def parse_size(text: str) -> int:
@@ -100,21 +104,24 @@ class Pools:
         was; the new content appears only by an atomic rename.
         """
         check_size(size)
-        target = self.volume_path(pool, vm, volume)
-        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = target.with_name(f".{target.name}.import-{secrets.token_hex(6)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                _copy_exact(data, out, size, f"{vm}:{volume}")
+        with _replacing(self.volume_path(pool, vm, volume), "import") as out:
+            _copy_exact(data, out, size, f"{vm}:{volume}")
+            out.truncate(size)
+
+    def clone_volume(
+        self, src_pool: str, src_vm: str, dst_pool: str, dst_vm: str, volume: str
+    ) -> None:
+        """Replace `dst_vm`'s volume with a copy of `src_vm`'s: a reflink where the filesystem
+        can share blocks, else a sparse copy; it appears only by an atomic rename."""
+        source = self.volume_path(src_pool, src_vm, volume)
+        size = self.volume_size(src_pool, src_vm, volume)
+        target = self.volume_path(dst_pool, dst_vm, volume)
+        with _replacing(target, "clone") as out, open(source, "rb") as src:
+            try:
+                fcntl.ioctl(out.fileno(), FICLONE, src.fileno())
+            except OSError:
+                _copy_exact(src, out, size, f"{src_vm}:{volume}")
                 out.truncate(size)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(target.parent)
 
     def remove_vm(self, pool: str, vm: str) -> list[str]:
         """Delete `vm`'s directory in `pool` and every file in it; return the volumes removed."""
@@ -129,6 +136,24 @@ class Pools:
         vm_dir.rmdir()
         _fsync_dir(vm_dir.parent)
         return removed
+
+
+@contextmanager
+def _replacing(target: Path, purpose: str) -> Iterator[IO[bytes]]:
+    """A new hidden file beside `target`, fsynced and renamed over it if the body succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_name(f".{target.name}.{purpose}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
 
 
 def _copy_exact(data: IO[bytes], out: IO[bytes], size: int, what: str) -> None:

@@ -281,6 +281,13 @@ class AdminApi:
     def volume_info(self, vm: str, volume: str) -> dict[str, str]:
         return key_values("admin.vm.volume.Info", self._call("admin.vm.volume.Info", vm, volume))
 
+    def volume_clone(self, src_vm: str, dst_vm: str, volume: str) -> None:
+        """admin.vm.volume.CloneFrom on the source, then CloneTo with its one-time token."""
+        token = self._call("admin.vm.volume.CloneFrom", src_vm, volume).strip()
+        if not token or len(token) > 128 or not token.isascii():
+            raise QubesApiError("admin.vm.volume.CloneFrom", "Malformed", "no usable token")
+        self._call("admin.vm.volume.CloneTo", dst_vm, volume, token)
+
     def pool_list(self) -> list[str]:
         return names("admin.pool.List", self._call("admin.pool.List", "dom0"))
 

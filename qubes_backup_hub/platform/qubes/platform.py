@@ -279,6 +279,9 @@ class QubesPlatform(Platform):
             raise NotFoundError(f"VM {vm!r} has no volume {volume!r}")
         import_with_size(self.import_service, vm, volume, size, data, sudo=self.import_sudo)
 
+    def clone_volume(self, src_vm: str, dst_vm: str, volume: str) -> None:
+        self.api.volume_clone(src_vm, dst_vm, volume)
+
     def remove_vm(self, vm: str) -> None:
         self.api.vm_remove(vm)
 
