@@ -289,19 +289,21 @@ def _run_worker(
             platform.remove_vm(name)
             removed.append(name)
         order = dependency_order(header.vms)
+        failed: list[str] = []
         if not request.data_only:
             for vm in order:
                 platform.create_vm(_settings_of(vm), pool=request.pool)
                 created.append(vm.name)
         imported = 0
-        if not request.settings_only:
+        if request.settings_only:
+            failed += _size_volumes(platform, header.vms)
+        else:
             for vm in header.vms:
                 for volume in vm.volumes:
                     reader = channel.read_volume_into(volume.size)
                     platform.import_volume(vm.name, volume.name, volume.size, reader)
                     imported += volume.size
         channel.expect_end()
-        failed: list[str] = []
         if not request.data_only:
             for vm in order:
                 failed += [f"{vm.name}: {f}" for f in platform.apply_settings(_settings_of(vm))]
@@ -336,6 +338,18 @@ def _recover(
         raise RecoveryError(
             f"{exc}; then not every replaced VM could be brought back: {'; '.join(problems)}"
         ) from exc
+
+
+def _size_volumes(platform: Platform, vms: tuple[RestoreVM, ...]) -> list[str]:
+    """--settings-only: grow each new, empty volume to its archived size; report what could not."""
+    failed = []
+    for vm in vms:
+        for volume in vm.volumes:
+            try:
+                platform.resize_volume(vm.name, volume.name, volume.size)
+            except QbhubError as exc:
+                failed.append(f"{vm.name}: volume {volume.name} keeps its default size ({exc})")
+    return failed
 
 
 def _check_plan(header: RestoreHeader, existing: set[str], request: RestoreRequest) -> None:

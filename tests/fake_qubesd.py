@@ -400,6 +400,17 @@ class FakeQubesd:
             raise Refuse  # qubesd: enforce(arg in volumes) -> ProtocolError
         return "".join(f"{k}={v}\n" for k, v in vm.volumes[arg].items())
 
+    def m_admin_vm_volume_Resize(self, vm: VM, arg: str, payload: bytes) -> str:
+        if arg not in vm.volumes:
+            raise Refuse
+        size = int(payload.decode("ascii"))
+        if size < int(vm.volumes[arg]["size"]):
+            raise QubesError(
+                "QubesValueError", "For your own safety, shrinking of private is disabled."
+            )
+        vm.volumes[arg]["size"] = str(size)
+        return ""
+
     def m_admin_vm_volume_CloneFrom(self, vm: VM, arg: str, payload: bytes) -> str:
         if arg not in vm.volumes:
             raise Refuse

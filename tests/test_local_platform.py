@@ -15,7 +15,7 @@ from conftest import Qbhub
 from qubes_backup_hub.errors import IntegrityError, NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
-from qubes_backup_hub.platform.local.pools import parse_size
+from qubes_backup_hub.platform.local.pools import Pools, parse_size
 from qubes_backup_hub.platform.local.sandbox import Sandbox
 from qubes_backup_hub.platform.local.statefile import check_vm_name
 
@@ -335,3 +335,18 @@ def test_cli_errors_are_one_line(qbhub: Qbhub, args: list[str], code: int, messa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qbhub: error:") and message in lines[0]
     assert [vm["name"] for vm in qbhub.json("local", "list")["vms"]] == ["dom0", "base"]
+
+
+def test_resize_grows_and_shrinks_only_a_hole(tmp_path: Path) -> None:
+    pools = Pools(tmp_path / "pools")
+    pools.create_volumes("default", "vm1", {"private": 1 << 20})
+    pools.resize_volume("default", "vm1", "private", 4 << 20)
+    assert pools.volume_size("default", "vm1", "private") == 4 << 20
+    pools.resize_volume("default", "vm1", "private", 2 << 20)  # all hole: nothing is lost
+    assert pools.volume_size("default", "vm1", "private") == 2 << 20
+    with open(pools.volume_path("default", "vm1", "private"), "r+b") as f:
+        f.seek((2 << 20) - 4096)
+        f.write(b"data" * 1024)
+    with pytest.raises(UsageError, match="holds data"):
+        pools.resize_volume("default", "vm1", "private", 1 << 20)
+    assert pools.volume_size("default", "vm1", "private") == 2 << 20

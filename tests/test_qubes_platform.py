@@ -289,3 +289,16 @@ def test_replaced_vm_is_held_and_brought_back_through_clone_tokens(
     assert "qbk-vault" not in qubesd.vms
     assert qubesd.imports[("vault", "private")] == data
     assert qp.vm_settings("vault") == before
+
+
+def test_resize_grows_and_never_shrinks(qp: QubesPlatform, qubesd: fake_qubesd.FakeQubesd) -> None:
+    size = int(qubesd.vms["vault"].volumes["private"]["size"])
+    qp.resize_volume("vault", "private", size + (1 << 30))
+    assert qubesd.requests[-1][:4] == (
+        "admin.vm.volume.Resize", "vault", "private", str(size + (1 << 30)).encode()
+    )  # fmt: skip
+    assert int(qubesd.vms["vault"].volumes["private"]["size"]) == size + (1 << 30)
+    calls = len(qubesd.requests)
+    with pytest.raises(UsageError, match="shrinking"):
+        qp.resize_volume("vault", "private", size)
+    assert not any(r[0] == "admin.vm.volume.Resize" for r in qubesd.requests[calls:])

@@ -256,12 +256,13 @@ def test_settings_only(world: World, tmp_path: Path) -> None:
     result = fresh.json(
         "restore", "--settings-only", "fedora", "standalone", "--dest", world.archive
     )
-    assert result["bytes_imported"] == 0
+    assert result["bytes_imported"] == 0 and result["settings_failed"] == []
     docs = vm_docs(fresh)
     for name in ("fedora", "standalone"):
         assert settings_of(docs[name]) == world.settings[name]
         for volume in docs[name]["volumes"]:
             assert has_no_data(volume["path"]), volume
+            assert os.path.getsize(volume["path"]) == 8 * MIB  # the archived size, not 2/10 GiB
 
 
 def test_data_only_replaces_data_and_keeps_settings(world: World, tmp_path: Path) -> None:

@@ -74,7 +74,11 @@ def parse_renames(renames: tuple[str, ...]) -> dict[str, str]:
 @click.option("--session", help="Restore from this session (default: the newest).")
 @click.option("--rename", "renames", multiple=True, metavar="OLD:NEW", help="Restore OLD as NEW.")
 @click.option("--pool", help="Create the VMs' volumes in this storage pool.")
-@click.option("--settings-only", is_flag=True, help="Create the VMs and settings, no data.")
+@click.option(
+    "--settings-only",
+    is_flag=True,
+    help="Create the VMs and settings, no data (volumes empty, at their archived sizes).",
+)
 @click.option("--data-only", is_flag=True, help="Restore volume data into existing VMs only.")
 @click.option("--replace", is_flag=True, help="Replace existing VMs of the same name.")
 def restore(

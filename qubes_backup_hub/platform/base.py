@@ -110,6 +110,11 @@ class Platform(ABC):
         """Replace a volume's content with exactly `size` bytes read from `data`."""
 
     @abstractmethod
+    def resize_volume(self, vm: str, volume: str, size: int) -> None:
+        """Set `vm`'s `volume` to `size` bytes. Growing adds zeros; shrinking may be refused
+        (UsageError): Qubes always refuses it, the LocalPlatform unless the cut part is a hole."""
+
+    @abstractmethod
     def clone_volume(self, src_vm: str, dst_vm: str, volume: str) -> None:
         """Make `dst_vm`'s `volume` an exact copy of `src_vm`'s (size included).
 

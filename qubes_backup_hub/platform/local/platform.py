@@ -182,6 +182,12 @@ class LocalPlatform(Platform):
             raise NotFoundError(f"a {record.klass} owns no volume {volume[:40]!r}")
         self.pools.import_volume(record.pool, vm, volume, size, data)
 
+    def resize_volume(self, vm: str, volume: str, size: int) -> None:
+        record = self.state_file.load().get(vm)
+        if volume not in own_volumes(record.klass):
+            raise NotFoundError(f"a {record.klass} owns no volume {volume[:40]!r}")
+        self.pools.resize_volume(record.pool, vm, volume, size)
+
     def clone_volume(self, src_vm: str, dst_vm: str, volume: str) -> None:
         state = self.state_file.load()
         src, dst = state.get(src_vm), state.get(dst_vm)

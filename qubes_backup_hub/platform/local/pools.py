@@ -7,6 +7,7 @@ once exactly the promised number of bytes has arrived, so no reader ever sees a 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -108,6 +109,19 @@ class Pools:
             _copy_exact(data, out, size, f"{vm}:{volume}")
             out.truncate(size)
 
+    def resize_volume(self, pool: str, vm: str, volume: str, size: int) -> None:
+        """Set the volume file to `size` bytes: growing adds zeros; shrinking is refused unless
+        the part cut off holds no data at all (a hole), so no data is ever lost."""
+        check_size(size)
+        fd = os.open(self.volume_path(pool, vm, volume), os.O_RDWR)
+        try:
+            if size < os.fstat(fd).st_size and _has_data_from(fd, size):
+                raise UsageError(f"volume {vm}:{volume} holds data past {size} bytes; not shrunk")
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def clone_volume(
         self, src_pool: str, src_vm: str, dst_pool: str, dst_vm: str, volume: str
     ) -> None:
@@ -136,6 +150,15 @@ class Pools:
         vm_dir.rmdir()
         _fsync_dir(vm_dir.parent)
         return removed
+
+
+def _has_data_from(fd: int, offset: int) -> bool:
+    """True if the file has a data extent at or after `offset` (SEEK_DATA; else assume so)."""
+    try:
+        os.lseek(fd, offset, os.SEEK_DATA)
+        return True
+    except OSError as exc:
+        return exc.errno != errno.ENXIO
 
 
 @contextmanager

@@ -281,6 +281,9 @@ class AdminApi:
     def volume_info(self, vm: str, volume: str) -> dict[str, str]:
         return key_values("admin.vm.volume.Info", self._call("admin.vm.volume.Info", vm, volume))
 
+    def volume_resize(self, vm: str, volume: str, size: int) -> None:
+        self._call("admin.vm.volume.Resize", vm, volume, str(size).encode("ascii"))
+
     def volume_clone(self, src_vm: str, dst_vm: str, volume: str) -> None:
         """admin.vm.volume.CloneFrom on the source, then CloneTo with its one-time token."""
         token = self._call("admin.vm.volume.CloneFrom", src_vm, volume).strip()

@@ -279,6 +279,15 @@ class QubesPlatform(Platform):
             raise NotFoundError(f"VM {vm!r} has no volume {volume!r}")
         import_with_size(self.import_service, vm, volume, size, data, sudo=self.import_sudo)
 
+    def resize_volume(self, vm: str, volume: str, size: int) -> None:
+        current = int(self.api.volume_info(vm, volume).get("size", "0") or 0)
+        if size < current:
+            raise UsageError(
+                f"volume {vm}:{volume} is {current} bytes; shrinking it to {size} is refused"
+            )
+        if size > current:
+            self.api.volume_resize(vm, volume, size)
+
     def clone_volume(self, src_vm: str, dst_vm: str, volume: str) -> None:
         self.api.volume_clone(src_vm, dst_vm, volume)
 
