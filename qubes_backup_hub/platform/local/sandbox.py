@@ -80,9 +80,10 @@ def bwrap_argv(bwrap: str, spec: SandboxSpec) -> list[str]:
     ]  # fmt: skip
     for target, link in SYSTEM_SYMLINKS:
         argv += ["--symlink", target, link]
+    # A fresh /tmp first, so that an installation living under /tmp is bound on top of it.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in spec.ro_paths:
         argv += ["--ro-bind", str(path), str(path)]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     for path in spec.masks:
         argv += ["--tmpfs", str(path)]
     argv += ["--bind", str(spec.home), SANDBOX_HOME, "--chdir", SANDBOX_HOME]
