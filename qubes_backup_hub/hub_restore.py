@@ -17,6 +17,7 @@ from typing import IO, Any, cast
 
 import pluggy
 
+from . import vm_rules
 from .errors import IntegrityError, NotFoundError, QbhubError, RollbackError, UsageError
 from .platform.base import Platform, ServiceProcess, VMSettings
 from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, release
@@ -165,24 +166,9 @@ def parse_header(payload: bytes, request: RestoreRequest) -> tuple[RestoreHeader
 
 def dependency_order(vms: tuple[RestoreVM, ...]) -> list[RestoreVM]:
     """Templates and netvms before the VMs that use them (within the restored set)."""
-    by_name = {vm.name: vm for vm in vms}
-    ordered: list[RestoreVM] = []
-    seen: set[str] = set()
-
-    def visit(vm: RestoreVM, path: tuple[str, ...]) -> None:
-        if vm.name in seen or vm.name in path:
-            return
-        props = vm.settings.get("properties", {})
-        for key in ("template", "netvm", "default_dispvm"):
-            ref = props.get(key)
-            if ref in by_name:
-                visit(by_name[ref], (*path, vm.name))
-        seen.add(vm.name)
-        ordered.append(vm)
-
-    for vm in vms:
-        visit(vm, ())
-    return ordered
+    return vm_rules.dependency_order(
+        vms, lambda vm: vm.name, lambda vm: vm.settings.get("properties", {})
+    )
 
 
 def check_archive(state: LocalState, facts: dict[str, Any]) -> None:

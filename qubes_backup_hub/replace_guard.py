@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import QbhubError
 from .platform.base import Platform, VMSettings
-from .vm_rules import check_vm_name
+from .vm_rules import check_vm_name, dependency_order
 
 HOLDER_CLASS = "StandaloneVM"
 MAX_VM_NAME = 31
@@ -90,7 +90,7 @@ def bring_back(platform: Platform, held: list[HeldVM]) -> list[str]:
     """
     problems: list[str] = []
     back: list[HeldVM] = []
-    for h in _templates_first(held):
+    for h in dependency_order(held, lambda h: h.name, lambda h: h.settings.properties):
         try:
             platform.create_vm(h.settings, pool=h.pool)
         except QbhubError as exc:
@@ -111,23 +111,3 @@ def bring_back(platform: Platform, held: list[HeldVM]) -> list[str]:
         ]
     problems += [f"holder VM {name} could not be removed" for name in release(platform, back)]
     return problems
-
-
-def _templates_first(held: list[HeldVM]) -> list[HeldVM]:
-    """`held` ordered so that a VM comes after the held VM that is its template."""
-    names = {h.name for h in held}
-    order: list[HeldVM] = []
-    placed: set[str] = set()
-    left = list(held)
-    while left:
-        ready = [
-            h for h in left
-            if str(h.settings.properties.get("template") or "") not in names - placed
-        ]  # fmt: skip
-        if not ready:  # a template cycle cannot exist; keep going rather than loop
-            ready = left[:1]
-        for h in ready:
-            order.append(h)
-            placed.add(h.name)
-            left.remove(h)
-    return order

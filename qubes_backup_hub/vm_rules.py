@@ -4,7 +4,8 @@ syntax, device and firewall records. Used by the restore-validate hooks on untru
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from .errors import ValidationError
 from .platform.base import LABELS, PERSISTENT_VOLUMES
@@ -149,3 +150,35 @@ def check_vm_volumes(vm: str, klass: str, volumes: list[tuple[str, int]], max_si
         seen.add(name)
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= max_size:
             raise refuse(f"VM {vm}, volume {name}", f"impossible size {size!r}")
+
+
+VM = TypeVar("VM")
+ORDERING_REFERENCES = ("template", "netvm", "default_dispvm")
+
+
+def dependency_order(
+    vms: Sequence[VM], name: Callable[[VM], str], properties: Callable[[VM], Mapping[str, Any]]
+) -> list[VM]:
+    """`vms` with each VM after those of them it names as template, netvm or default_dispvm.
+
+    Creating VMs in this order lets each one's template exist first; a reference cycle (netvms
+    pointing at each other) is broken at the VM where the walk re-enters it.
+    """
+    by_name = {name(vm): vm for vm in vms}
+    ordered: list[VM] = []
+    seen: set[str] = set()
+
+    def visit(vm: VM, path: tuple[str, ...]) -> None:
+        if name(vm) in seen or name(vm) in path:
+            return
+        props = properties(vm)
+        for key in ORDERING_REFERENCES:
+            ref = props.get(key)
+            if isinstance(ref, str) and ref in by_name:
+                visit(by_name[ref], (*path, name(vm)))
+        seen.add(name(vm))
+        ordered.append(vm)
+
+    for vm in vms:
+        visit(vm, ())
+    return ordered

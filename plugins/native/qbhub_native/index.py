@@ -11,7 +11,7 @@ archive therefore costs one dict insertion per blob and no per-entry objects.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from qubes_backup_hub.errors import IntegrityError
@@ -86,19 +86,22 @@ class Index:
         """Every pack the index lists (also packs whose blobs are all found elsewhere first)."""
         return {t.pack for t in self._tables}
 
-    def items(self) -> Iterator[tuple[bytes, BlobLocation]]:
-        for blob_id in self._by_id:
-            loc = self.get(blob_id)
-            assert loc is not None
-            yield blob_id, loc
-
     def by_pack(self) -> dict[str, list[PackEntry]]:
-        """Group entries by pack, in offset order: the shape the encoded index uses."""
+        """Group entries by pack, in offset order: the shape the encoded index uses.
+
+        An ID listed in several packs appears only under the location the index uses for it.
+        """
         packs: dict[str, list[PackEntry]] = {}
-        for blob_id, loc in self.items():
-            packs.setdefault(loc.pack, []).append(
-                PackEntry(loc.type_code, blob_id, loc.offset, loc.length, loc.raw_length)
-            )
+        for number, table in enumerate(self._tables):
+            base = number << _POSITION_BITS
+            for pos in range(0, len(table.records), ENTRY.size):
+                type_code, blob_id, offset, length, raw_length = ENTRY.unpack_from(
+                    table.records, pos
+                )
+                if self._by_id[blob_id] == base | pos:
+                    packs.setdefault(table.pack, []).append(
+                        PackEntry(type_code, blob_id, offset, length, raw_length)
+                    )
         for entries in packs.values():
             entries.sort(key=lambda e: e.offset)
         return packs
