@@ -24,7 +24,7 @@ from . import PLUGIN_GROUP
 
 if TYPE_CHECKING:
     from .engine import EngineType
-    from .restore_header import RestoreHeader
+    from .safety.restore_header import RestoreHeader
     from .snapshot import SnapshotProvider, VolumeRef
     from .store.base import StoreType
     from .stream.base import VolumeStream

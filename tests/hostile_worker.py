@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from qubes_backup_hub.restore_channel import DATA, END, HEADER, JOB, receive, send
+from qubes_backup_hub.safety.restore_channel import DATA, END, HEADER, JOB, receive, send
 
 SIZE = 1 << 20
 

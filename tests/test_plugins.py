@@ -11,7 +11,7 @@ from qubes_backup_hub.engine import EngineType
 from qubes_backup_hub.errors import ValidationError
 from qubes_backup_hub.hookspecs import hookimpl
 from qubes_backup_hub.registry import load_registry
-from qubes_backup_hub.restore_header import RestoreHeader, RestoreVolume
+from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 from qubes_backup_hub.store.base import StoreType
 
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fake_qubesd
 
 from qubes_backup_hub.errors import NotFoundError, QbhubError, UsageError
+from qubes_backup_hub.jobs.replace_guard import bring_back, hold_vms
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.qubes.platform import QubesPlatform
 from qubes_backup_hub.platform.qubes.wire import (
@@ -26,7 +27,6 @@ from qubes_backup_hub.platform.qubes.wire import (
     QubesdSocket,
     encode_request,
 )
-from qubes_backup_hub.replace_guard import bring_back, hold_vms
 
 FAKE = str(Path(__file__).parent / "fake_qubesd.py")
 

@@ -23,7 +23,7 @@ from conftest import Qbhub, rewrite_blocks
 
 from qubes_backup_hub.errors import StoreError, UsageError, ValidationError
 from qubes_backup_hub.registry import load_registry
-from qubes_backup_hub.restore_header import RestoreHeader, RestoreVolume
+from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 
 DIST = Path(__file__).parent / "plugin_dist"
 MODULE = "qbhub_example_plugin"

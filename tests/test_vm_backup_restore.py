@@ -20,12 +20,12 @@ import pytest
 from conftest import PASSPHRASE, Qbhub
 
 from qubes_backup_hub.errors import StoreError
-from qubes_backup_hub.hub_restore import RestoreRequest, restore_vms
+from qubes_backup_hub.jobs.replace_guard import holder_name
+from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
 from qubes_backup_hub.registry import load_registry
-from qubes_backup_hub.replace_guard import holder_name
-from qubes_backup_hub.state import LocalState
+from qubes_backup_hub.safety.rollback import LocalState
 
 SIZE = "8M"
 MIB = 1 << 20

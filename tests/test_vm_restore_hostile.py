@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from qubes_backup_hub.errors import QbhubError
-from qubes_backup_hub.hub_restore import RestoreRequest, restore_vms
+from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
 from qubes_backup_hub.registry import load_registry
-from qubes_backup_hub.state import LocalState
+from qubes_backup_hub.safety.rollback import LocalState
 from qubes_backup_hub.store.local import LocalDirStore
 
 TESTS = Path(__file__).resolve().parent

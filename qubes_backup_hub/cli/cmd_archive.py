@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..names import check_session_id
+from ..safety.names import check_session_id
 from . import format as fmt
 from .context import archive_options, cli_state
 

@@ -29,14 +29,14 @@ import click
 
 from ..engine import Engine, EngineContext
 from ..errors import QbhubError
-from ..hub_backup import backup_vms, choose_vms
-from ..hub_restore import RestoreRequest, restore_vms
+from ..jobs.backup import backup_vms, choose_vms
+from ..jobs.restore import RestoreRequest, restore_vms
 from ..passphrase import PassphraseSource
 from ..platform.base import VMSettings
 from ..platform.local.platform import LocalPlatform
 from ..progress import Progress, human_bytes
 from ..registry import Registry
-from ..state import LocalState, default_home
+from ..safety.rollback import LocalState, default_home
 from ..store.base import Store
 from ..store.local import LocalDirStore
 from ..store.qrexec import QrexecStore

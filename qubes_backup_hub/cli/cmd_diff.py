@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from ..errors import IntegrityError
-from ..names import check_session_id, check_volume_name
+from ..safety.names import check_session_id, check_volume_name
 from .context import archive_options, cli_state
 from .format import human_bytes
 

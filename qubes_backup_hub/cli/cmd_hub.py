@@ -8,13 +8,13 @@ from typing import Any
 import click
 
 from ..errors import UsageError
-from ..hub_backup import backup_vms, choose_vms
-from ..hub_restore import RestoreRequest, restore_vms
-from ..names import check_session_id
+from ..jobs.backup import backup_vms, choose_vms
+from ..jobs.restore import RestoreRequest, restore_vms
 from ..passphrase import PassphraseSource
 from ..platform.detect import default_platform
 from ..progress import human_bytes
-from ..state import LocalState, default_home
+from ..safety.names import check_session_id
+from ..safety.rollback import LocalState, default_home
 from . import format as fmt
 from .context import archive_options, cli_state
 

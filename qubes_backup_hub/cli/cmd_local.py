@@ -13,7 +13,7 @@ from ..platform.base import VMSettings
 from ..platform.local.platform import LocalPlatform
 from ..platform.local.pools import parse_size
 from ..progress import human_bytes
-from ..state import default_home
+from ..safety.rollback import default_home
 
 JSON_OPTION = click.option(
     "--json", "json_output", is_flag=True, help="Print machine-readable JSON."

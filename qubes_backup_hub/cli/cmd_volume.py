@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..engine import VolumeSource, engine_prepared
-from ..names import check_session_id, check_volume_name
+from ..safety.names import check_session_id, check_volume_name
 from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
 from . import format as fmt
 from .context import archive_options, cli_state

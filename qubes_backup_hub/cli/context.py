@@ -15,7 +15,7 @@ from ..engine import Engine, EngineContext
 from ..passphrase import PassphraseSource
 from ..progress import Progress
 from ..registry import Registry, load_registry
-from ..state import default_home
+from ..safety.rollback import default_home
 from ..store.base import Store
 
 F = TypeVar("F", bound=Callable[..., Any])

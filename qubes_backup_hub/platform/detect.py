@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import UsageError
-from ..state import default_home
+from ..safety.rollback import default_home
 from .base import Platform
 
 QUBESD_SOCKET = Path("/var/run/qubesd.sock")

@@ -12,8 +12,8 @@ import shutil
 import stat
 
 from ..hookspecs import hookimpl
+from ..safety.rollback import default_home
 from ..snapshot import SnapshotProvider, VolumeRef
-from ..state import default_home
 from .fiemap import filesystem_type, reflink_supported
 from .reflink import ReflinkProvider
 from .thin import LvmThinProvider, parse_lv_path

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..directio import ALIGN, open_direct, write_direct
 from ..errors import StoreError
 from ..hookspecs import hookimpl
-from ..names import check_object_name
+from ..safety.names import check_object_name
 from .base import Bytes, Store, StoreType
 
 TMP_PREFIX = ".tmp-"

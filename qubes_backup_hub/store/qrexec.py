@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 from ..errors import StoreError, UsageError
 from ..hookspecs import hookimpl
-from ..names import check_object_name
 from ..platform.base import Platform, ServiceProcess
+from ..safety.names import check_object_name
 from .base import Bytes, Store, StoreType
 
 HEADER = struct.Struct(">BI")

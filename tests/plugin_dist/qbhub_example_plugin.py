@@ -25,8 +25,8 @@ from pathlib import Path
 
 from qubes_backup_hub.errors import StoreError, UsageError, ValidationError
 from qubes_backup_hub.hookspecs import hookimpl
-from qubes_backup_hub.names import check_object_name
-from qubes_backup_hub.restore_header import RestoreHeader
+from qubes_backup_hub.safety.names import check_object_name
+from qubes_backup_hub.safety.restore_header import RestoreHeader
 from qubes_backup_hub.store.base import Bytes, Store, StoreType
 
 SCHEME = "mirror"

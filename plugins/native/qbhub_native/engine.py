@@ -8,8 +8,8 @@ from typing import Any
 
 from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
 from qubes_backup_hub.errors import NotFoundError, UsageError
-from qubes_backup_hub.restore_header import RestoreHeader, RestoreVolume
-from qubes_backup_hub.state import LocalState
+from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
+from qubes_backup_hub.safety.rollback import LocalState
 from qubes_backup_hub.store.base import Store
 
 from .archiver import run_session

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import blake3
 
 from qubes_backup_hub.errors import IntegrityError, NotFoundError, RollbackError, StoreError
-from qubes_backup_hub.state import LocalState
+from qubes_backup_hub.safety.rollback import LocalState
 from qubes_backup_hub.store.base import Store
 
 from .blob import BlobCodec, BlobType

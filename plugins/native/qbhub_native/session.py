@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qubes_backup_hub.errors import IntegrityError, UsageError
-from qubes_backup_hub.names import check_session_id, check_volume_name
+from qubes_backup_hub.safety.names import check_session_id, check_volume_name
 
 from .limits import MAX_CHUNK_SIZE, MAX_VOLUME_SIZE, MIN_CHUNK_SIZE
 from .tree import ID_BYTES, Geometry

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from ...errors import IntegrityError, NotFoundError, UsageError
-from ...names import check_volume_name
+from ...safety.names import check_volume_name
 from ..base import PERSISTENT_VOLUMES
 from .statefile import check_pool_name, check_vm_name
 

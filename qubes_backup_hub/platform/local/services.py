@@ -32,7 +32,7 @@ class ServiceModule:
 DEFAULT_SERVICES: Mapping[str, ServiceModule] = MappingProxyType(
     {
         "qbhub.Storage": ServiceModule("qubes_backup_hub.agent.storage"),
-        "qbhub.RestoreWorker": ServiceModule("qubes_backup_hub.agent.restore_worker"),
+        "qbhub.RestoreWorker": ServiceModule("qubes_backup_hub.workers.restore"),
     }
 )
 

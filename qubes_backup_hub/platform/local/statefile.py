@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import NotFoundError, QbhubError, UsageError
-from ...vm_rules import (
+from ...safety.vm_rules import (
     DEVICE_CLASSES,
     FEATURE_KEY,
     MAX_NOTES,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-from .errors import QbhubError
-from .platform.base import Platform, VMSettings
-from .vm_rules import check_vm_name, dependency_order
+from ..errors import QbhubError
+from ..platform.base import Platform, VMSettings
+from ..safety.vm_rules import check_vm_name, dependency_order
 
 HOLDER_CLASS = "StandaloneVM"
 MAX_VM_NAME = 31

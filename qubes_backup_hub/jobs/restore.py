@@ -17,11 +17,10 @@ from typing import IO, Any, cast
 
 import pluggy
 
-from . import vm_rules
-from .errors import IntegrityError, NotFoundError, QbhubError, RollbackError, UsageError
-from .platform.base import Platform, ServiceProcess, VMSettings
-from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, release
-from .restore_channel import (
+from ..errors import IntegrityError, NotFoundError, QbhubError, RollbackError, UsageError
+from ..platform.base import Platform, ServiceProcess, VMSettings
+from ..safety import vm_rules
+from ..safety.restore_channel import (
     DATA,
     END,
     FAIL,
@@ -36,11 +35,12 @@ from .restore_channel import (
     receive,
     send,
 )
-from .restore_header import RestoreHeader, RestoreVM, RestoreVolume
-from .state import LocalState
-from .store.base import Store
-from .store.qrexec import OP, QrexecStore
-from .vm_rules import PROPERTIES, VM_REF, check_vm_name
+from ..safety.restore_header import RestoreHeader, RestoreVM, RestoreVolume
+from ..safety.rollback import LocalState
+from ..safety.vm_rules import PROPERTIES, VM_REF, check_vm_name
+from ..store.base import Store
+from ..store.qrexec import OP, QrexecStore
+from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, release
 
 WORKER_SERVICE = "qbhub.RestoreWorker"
 READ_OPS = {OP[name]: name for name in ("get", "range", "list", "root_get", "exists")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import StoreError, UsageError
+from ..errors import StoreError, UsageError
 
 OBJECT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")

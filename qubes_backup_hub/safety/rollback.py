@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QbhubError
+from ..errors import QbhubError
 
 ARCHIVE_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import UsageError, ValidationError
-from .hookspecs import hookimpl
+from ..errors import UsageError, ValidationError
+from ..hookspecs import hookimpl
 from .names import check_volume_name
 from .restore_header import RestoreHeader
 from .vm_rules import check_settings, check_vm_name, check_vm_volumes

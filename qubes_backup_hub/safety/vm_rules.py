@@ -7,8 +7,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from .errors import ValidationError
-from .platform.base import LABELS, PERSISTENT_VOLUMES
+from ..errors import ValidationError
+from ..platform.base import LABELS, PERSISTENT_VOLUMES
 
 VM_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]{0,30}")
 RESERVED_NAMES = {"dom0", "none", "default", "@adminvm"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from typing import IO
 
-from .errors import IntegrityError
+from ..errors import IntegrityError
 
 FRAME = struct.Struct(">BI")
 JOB, REPLY, QUERY, HEADER, DATA, END, FAIL = b"J", b"R", b"Q", b"H", b"D", b"Z", b"X"

@@ -11,11 +11,11 @@ from typing import Any
 
 import pluggy
 
-from .engine import Engine, VolumeSource, engine_prepared
-from .errors import NotFoundError, UsageError
-from .platform.base import Platform, VMSettings
-from .snapshot import PlainProvider, SnapshotProvider, VolumeRef
-from .store.base import Store
+from ..engine import Engine, VolumeSource, engine_prepared
+from ..errors import NotFoundError, UsageError
+from ..platform.base import Platform, VMSettings
+from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
+from ..store.base import Store
 
 SKIPPED_CLASSES = ("AdminVM", "DispVM")
 

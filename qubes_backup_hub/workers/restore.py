@@ -23,7 +23,7 @@ from ..errors import QbhubError, StoreError
 from ..passphrase import PassphraseSource
 from ..progress import Progress
 from ..registry import load_registry
-from ..restore_channel import (
+from ..safety.restore_channel import (
     DATA,
     END,
     FAIL,
