@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from .passphrase import PassphraseSource
     from .progress import Progress
+    from .safety.rollback import ArchiveFacts
     from .store.base import Store
 
 # Capability words an engine may declare (shown by `qbhub engines`).
@@ -50,7 +51,16 @@ class VolumeSource:
 
 @dataclass
 class EngineContext:
-    """Everything an engine gets from the host: hooks, passphrases, local state, progress."""
+    """Everything an engine gets from the host: hooks, passphrases, local state, progress.
+
+    `allow_unencrypted`: the user asked for an unencrypted archive (`--allow-unencrypted`);
+    without it an engine refuses to read or write any archive whose root is not authenticated
+    under the user's passphrase (exit 3), so storage cannot downgrade or substitute one.
+    `announce`: called once with the authenticated ArchiveFacts when this machine meets an
+    archive for the first time (the CLI prints `ArchiveFacts.line()`).
+    `read_grant`: set only in a restore worker: the secret from `Engine.grant_read` that lets
+    the engine read (never write) the archive without the passphrase.
+    """
 
     hook: pluggy.HookRelay
     passphrase: PassphraseSource
@@ -58,6 +68,23 @@ class EngineContext:
     progress: Progress
     new_passphrase: PassphraseSource | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    allow_unencrypted: bool = False
+    announce: Callable[[ArchiveFacts], None] | None = None
+    read_grant: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ReadGrant:
+    """What dom0 hands a restore worker instead of the passphrase (see `Engine.grant_read`).
+
+    `facts` come from the root dom0 authenticated itself; `pinned_root` is the exact root dom0
+    read and authenticated, which dom0's relay serves to the worker instead of asking storage
+    again (empty for engines without one); `secret` is what the worker's engine needs to read.
+    """
+
+    facts: ArchiveFacts
+    secret: dict[str, str]
+    pinned_root: bytes
 
 
 class Engine(ABC):
@@ -123,6 +150,15 @@ class Engine(ABC):
     @abstractmethod
     def archive_id(self, store: Store) -> str:
         """The archive ID, readable without the passphrase (snapshot views are kept per archive)."""
+
+    def grant_read(self, store: Store) -> ReadGrant:
+        """dom0's side of a restore: authenticate the root under the passphrase (running the KDF
+        here), check it against the rollback memory, remember it, and return what a restore
+        worker needs to read the archive: never the passphrase, nothing that allows writing.
+        """
+        from .errors import UsageError
+
+        raise UsageError("this engine cannot restore through a restore worker")
 
     @abstractmethod
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:

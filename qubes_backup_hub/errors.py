@@ -27,6 +27,16 @@ class IntegrityError(QbhubError):
     exit_code = 3
 
 
+class UnencryptedArchiveError(IntegrityError):
+    """The archive is not authenticated under a passphrase and the user did not ask for that
+    (`--allow-unencrypted`): storage may have substituted or downgraded it."""
+
+
+class KdfParametersError(IntegrityError):
+    """The root's key-derivation parameters are outside the documented bounds (a root made to
+    exhaust memory or time before anything could be authenticated)."""
+
+
 class RollbackError(IntegrityError):
     """The archive root is older than the newest one this machine has seen."""
 

@@ -261,6 +261,11 @@ def test_dispvm_service_creates_and_kills(
     proc = qp.dispvm_service("qbhub.RestoreWorker")
     name = next(n for n in qubesd.vms if n.startswith("disp"))
     assert qubesd.vms[name].state == "Running"
+    # the worker parses hostile data: its network is cut before it starts
+    sets = [r for r in qubesd.requests if r[0] == "admin.vm.property.Set" and r[1] == name]
+    assert sets and sets[0][2] == "netvm" and qubesd.vms[name].props["netvm"][1] == ""
+    starts = [i for i, r in enumerate(qubesd.requests) if r[0] == "admin.vm.Start"]
+    assert qubesd.requests.index(sets[0]) < starts[-1]
     proc.stdin.close()
     assert proc.stdout.read().startswith(f"args: -d {name} DEFAULT:QUBESRPC".encode())
     assert proc.wait(10) == 0

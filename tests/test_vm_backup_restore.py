@@ -124,18 +124,19 @@ def build_platform(q: Qbhub) -> None:
     create_vm(q, "net", "AppVM", "red", "fedora")
     q.run("local", "vm-set", "net", "provides_network", "True")
     create_vm(q, "work", "AppVM", "blue", "fedora")
-    for prop, value in (("netvm", "net"), ("memory", "800"), ("vcpus", "2"), ("debug", "True")):
+    # only settings the restore policy restores without --allow (safety/policy.py)
+    for prop, value in (("netvm", "net"), ("memory", "800"), ("vcpus", "2"), ("maxmem", "1600")):
         q.run("local", "vm-set", "work", prop, value)
     q.run("local", "feature-set", "work", "service.cups", "1")
     q.run("local", "feature-set", "work", "os", "Linux")
     q.run("local", "tag-add", "work", "audit")
-    q.run("local", "tag-add", "work", "created-by-test")
+    q.run("local", "tag-add", "work", "project-x")
     create_vm(q, "standalone", "StandaloneVM", "green")
     create_vm(q, "backupvm", "AppVM", "gray", "fedora")
     create_vm(q, "dvm", "DispVM", "red", "work")
     # Settings the CLI has no command for yet, set the way a restore sets them.
     platform = LocalPlatform(q.home)
-    usb = {"class": "usb", "backend": "dom0", "ident": "2-1", "options": {}, "required": True}
+    usb = {"class": "usb", "backend": "net", "ident": "2-1", "options": {}, "required": True}
     extra = VMSettings(
         "work",
         "AppVM",

@@ -1,25 +1,41 @@
-"""A hostile restore worker (a compromised DispVM) can't make dom0 import anything it shouldn't.
+"""A hostile restore worker (a compromised DispVM) gets nothing from dom0.
 
-Runs the real LocalPlatform with its bubblewrap DispVM, but with `qbhub.RestoreWorker` mapped to
-tests/hostile_worker.py, and drives dom0's restore (`hub_restore.restore_vms`) against it.
+Runs the real LocalPlatform with its bubblewrap DispVM and a real archive behind the storage
+agent in `backupvm`, but with `qbhub.RestoreWorker` mapped to tests/hostile_worker.py, and drives
+dom0's restore (`jobs.restore.restore_vms`) against it. What is real: the platform, sandboxes,
+agent, archive, engine and every dom0 check. What is fake: the worker, on purpose.
+
+Each escalation either refuses the restore with the platform byte-identical afterwards, or
+creates exactly the asked-for VM with the dangerous setting left out and reported.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from qubes_backup_hub.errors import QbhubError
+from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
+from qubes_backup_hub.errors import IntegrityError, QbhubError, ValidationError
 from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
+from qubes_backup_hub.passphrase import PassphraseSource
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
+from qubes_backup_hub.progress import Progress
 from qubes_backup_hub.registry import load_registry
-from qubes_backup_hub.safety.rollback import LocalState
-from qubes_backup_hub.store.local import LocalDirStore
+from qubes_backup_hub.store.qrexec import QrexecStore
+
+pytestmark = pytest.mark.hostile
 
 TESTS = Path(__file__).resolve().parent
+PASSPHRASE = b"hostile worker passphrase 8f3a"
+SIZE = 1 << 20
+ARCHIVE = "main"
 
 
 def snapshot_of(root: Path) -> dict[str, str]:
@@ -27,59 +43,249 @@ def snapshot_of(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and "logs" not in p.parts and not p.name.endswith(".lock")
+        if p.is_file()
+        and "logs" not in p.parts
+        and "dispvms" not in p.parts
+        and not p.name.endswith(".lock")
     }
 
 
+def engine(state: Path) -> Engine:
+    registry = load_registry()
+    context = EngineContext(
+        hook=registry.pm.hook,
+        passphrase=PassphraseSource(env_var=None, value=PASSPHRASE),
+        state_dir=state,
+        progress=Progress(enabled=False),
+    )
+    return registry.engine("native").create(context)
+
+
+class World:
+    """A platform with a template, network VMs, the backup VM and a one-session archive."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.platform = LocalPlatform(root / "home")
+        p = self.platform
+        p.create_vm(VMSettings("fedora", "TemplateVM", properties={"label": "black"}), size=SIZE)
+        for name, props in (
+            ("backupvm", {}),
+            ("sys-net", {"provides_network": "True"}),
+            ("sys-usb", {}),
+        ):
+            settings = VMSettings(
+                name, "AppVM", properties={"label": "red", "template": "fedora", **props}
+            )
+            p.create_vm(settings, size=SIZE)
+            assert p.apply_settings(settings) == []
+        image = root / "image"
+        image.write_bytes(b"\x11" * SIZE)
+        with closing(self.store()) as store:
+            eng = engine(self.state)
+            eng.init_archive(store, encryption=True)
+            self.session = eng.backup(store, [VolumeSource("some-volume", str(image))])["session"]
+        p.services.register("qbhub.RestoreWorker", "hostile_worker", [TESTS])
+
+    def store(self) -> QrexecStore:
+        return QrexecStore("backupvm", ARCHIVE, lambda: self.platform)
+
+    def restore(self, scenario: str, **request: Any) -> dict[str, Any]:
+        with closing(self.store()) as store:
+            return restore_vms(
+                self.platform,
+                store,
+                load_registry().pm.hook,
+                engine(self.state),
+                RestoreRequest(vms=[scenario], session=self.session, **request),
+            )
+
+    def vm_names(self) -> list[str]:
+        return [vm.name for vm in self.platform.list_vms()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return World(tmp_path_factory.mktemp("hostile-world"))
+
+
 @pytest.fixture
-def platform(tmp_path: Path) -> LocalPlatform:
-    platform = LocalPlatform(tmp_path / "home")
-    platform.services.register("qbhub.RestoreWorker", "hostile_worker", [TESTS])
-    platform.create_vm(
-        VMSettings("fedora", "TemplateVM", properties={"label": "black"}), size=1 << 20
-    )
-    return platform
+def restored(world: World) -> Iterator[list[str]]:
+    """Names of VMs a test restored; removed afterwards so the module's platform stays clean."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        if name in world.vm_names():
+            world.platform.remove_vm(name)
 
 
-def run(platform: LocalPlatform, tmp_path: Path, scenario: str) -> None:
-    restore_vms(
-        platform,
-        LocalDirStore(tmp_path / "no-archive-needed"),
-        load_registry().pm.hook,
-        LocalState(tmp_path / "state"),
-        b"passphrase",
-        RestoreRequest(vms=[scenario]),
-    )
+ORIGINAL_VMS = ["dom0", "backupvm", "fedora", "sys-net", "sys-usb"]
+
+REFUSED = [
+    # names, and VMs nobody asked for
+    ("badname", "invalid VM name"),
+    ("name-dom0", "invalid VM name"),
+    ("name-Dom0", "invalid VM name"),
+    ("name-DOM0", "invalid VM name"),
+    ("name-None", "invalid VM name"),
+    ("name-Default", "invalid VM name"),
+    ("extravms", "other VMs than asked"),
+    ("othervm", "other VMs than asked"),
+    ("twice", "VM twice"),
+    ("badclass", "can't be restored"),
+    ("wrongsession", "sent session"),
+    # references to dom0, the backup VM, network VMs where none belongs, the VM itself
+    ("guivm-dom0", "property 'guivm'"),
+    ("audiovm-dom0", "property 'audiovm'"),
+    ("netvm-dom0", "property 'netvm'"),
+    ("netvm-Dom0", "property 'netvm'"),
+    ("netvm-backupvm", "may not name backupvm"),
+    ("defdisp-backupvm", "may not name backupvm"),
+    ("defdisp-netvm", "network VM sys-net"),
+    ("template-backupvm", "may not name backupvm"),
+    ("template-self", "may not name template-self"),
+    # numbers beyond any host
+    ("memory-huge", "property 'memory'"),
+    ("vcpus-huge", "property 'vcpus'"),
+    ("qrexec-huge", "property 'qrexec_timeout'"),
+    # devices from where they can't come, firewall rules that are not rules
+    ("pci-from-vm", "PCI devices come from dom0"),
+    ("usb-from-backupvm", "may not serve devices"),
+    ("fw-garbage", "bad firewall rules"),
+    ("fw-twice", "bad firewall rules"),
+    ("fw-nonascii", "bad firewall rules"),
+    # malformed streams
+    ("nonascii", "property 'label'"),
+    ("deepjson", "nested deeper"),
+    ("hugesettings", "frame"),
+    ("toolong", "more bytes than"),
+    ("short", "shorter than"),
+    ("trailing", "more bytes than"),
+]
 
 
-@pytest.mark.parametrize(
-    ("scenario", "message"),
-    [
-        ("badname", "invalid VM name"),
-        ("dom0", "invalid VM name"),
-        ("unknownprop", "unknown property"),
-        ("nonascii", "property 'label'"),
-        ("hugesettings", "frame"),
-        ("toolong", "more bytes than"),
-        ("short", "shorter than"),
-        ("trailing", "more bytes than"),
-    ],
-)
+@pytest.mark.parametrize(("scenario", "message"), REFUSED, ids=[s for s, _ in REFUSED])
 def test_hostile_stream_is_refused_and_nothing_changes(
-    platform: LocalPlatform, tmp_path: Path, scenario: str, message: str
+    world: World, scenario: str, message: str
 ) -> None:
-    before = snapshot_of(platform.root)
-    with pytest.raises(QbhubError, match=message):
-        run(platform, tmp_path, scenario)
-    assert snapshot_of(platform.root) == before
-    assert [vm.name for vm in platform.list_vms()] == ["dom0", "fedora"]
+    before = snapshot_of(world.platform.root)
+    with pytest.raises((IntegrityError, ValidationError), match=message):
+        world.restore(scenario)
+    assert snapshot_of(world.platform.root) == before
+    assert sorted(world.vm_names()) == sorted(ORIGINAL_VMS)
+
+
+LEFT_OUT = [
+    # scenario, where the setting would be found, the word in the report
+    ("guivm-backupvm", ("properties", "guivm"), "guivm"),
+    ("mgmt-backupvm", ("properties", "management_dispvm"), "management_dispvm"),
+    ("pv", ("properties", "virt_mode"), "--allow pv"),
+    ("debug", ("properties", "debug"), "--allow debug"),
+    ("autostart", ("properties", "autostart"), "--allow autostart"),
+    ("kernelopts", ("properties", "kernelopts"), "--allow kernel-options"),
+    ("unknownprop", ("properties", "evil_prop"), "evil_prop"),
+    ("feat-updates-proxy", ("features", "service.qubes-updates-proxy"), "network-services"),
+    ("feat-firewall", ("features", "qubes-firewall"), "network-services"),
+    ("feat-override-redirect", ("features", "gui-override-redirect"), "never"),
+    ("feat-vm-config", ("features", "vm-config.foo"), "never"),
+    ("feat-unknown", ("features", "some-extension.power"), "never"),
+    ("tag-created-by", ("tags", "created-by-dom0"), "never"),
+    ("tag-guivm", ("tags", "guivm-sys-gui"), "never"),
+    ("tag-qbhub", ("tags", "qbhub-storage"), "never"),
+    ("pci", ("devices", "pci"), "--allow pci-devices"),
+    ("block-from-dom0", ("devices", "block"), "--allow dom0-devices"),
+    ("input", ("devices", "input"), "never"),
+]
+
+
+def has_setting(settings: VMSettings, where: tuple[str, str]) -> bool:
+    part, key = where
+    if part == "properties":
+        return key in settings.properties
+    if part == "features":
+        return key in settings.features
+    if part == "tags":
+        return key in settings.tags
+    return any(d["class"] == key for d in settings.devices)
+
+
+@pytest.mark.parametrize(("scenario", "where", "word"), LEFT_OUT, ids=[s for s, *_ in LEFT_OUT])
+def test_dangerous_setting_is_left_out_and_reported(
+    world: World, restored: list[str], scenario: str, where: tuple[str, str], word: str
+) -> None:
+    reported: list[str] = []
+    restored.append(scenario)
+    result = world.restore(scenario, report=reported.append)
+    assert sorted(world.vm_names()) == sorted([*ORIGINAL_VMS, scenario])
+    assert not has_setting(world.platform.vm_settings(scenario), where)
+    assert any(word in line for line in result["settings_failed"]), result["settings_failed"]
+    assert any("left out" in line and word in line for line in reported), reported
+
+
+def test_explicit_allow_restores_the_named_risk_only(world: World, restored: list[str]) -> None:
+    restored.append("pci-permissive")
+    result = world.restore("pci-permissive", allow=frozenset({"pci-devices"}))
+    assert world.platform.vm_settings("pci-permissive").devices == []
+    assert any("pci-permissive" in line for line in result["settings_failed"])
+    world.platform.remove_vm("pci-permissive")
+    reported: list[str] = []
+    world.restore(
+        "pci-permissive",
+        allow=frozenset({"pci-devices", "pci-permissive"}),
+        report=reported.append,
+    )
+    (device,) = world.platform.vm_settings("pci-permissive").devices
+    assert device["backend"] == "dom0" and device["options"] == {"permissive": "True"}
+    assert any("sensitive" in line and "pci device" in line for line in reported), reported
+
+
+def test_numbers_are_lowered_to_what_the_host_has(world: World, restored: list[str]) -> None:
+    restored.append("memory-host")
+    limit = world.platform.host_limits()["memory"]
+    result = world.restore("memory-host")
+    assert int(world.platform.vm_settings("memory-host").properties["memory"]) == limit
+    assert any("lowered" in line for line in result["settings_failed"])
+
+
+def test_the_worker_never_sees_the_passphrase(world: World) -> None:
+    with pytest.raises(QbhubError) as caught:
+        world.restore("showjob")
+    message = str(caught.value)
+    assert "grant" in message
+    assert PASSPHRASE.decode() not in message
+    assert "passphrase" not in message
+
+
+def test_the_relay_reads_only_what_dom0_listed(world: World, restored: list[str]) -> None:
+    """The worker asks for an object name of its choosing (a way to hand data to storage)."""
+    restored.append("exfil")
+    world.restore("exfil")  # the worker FAILs the restore if the relay fetched the name
+    assert "exfil" in world.vm_names()
+
+
+def test_the_workers_word_never_reaches_the_rollback_memory(
+    world: World, restored: list[str]
+) -> None:
+    """The hostile header claims generation 2^62; dom0 remembers only what it authenticated."""
+    restored.append("good")
+    world.restore("good")
+    memories = list((world.state / "archives").glob("*.json"))
+    assert memories
+    for path in memories:
+        assert json.loads(path.read_text())["generation"] < 1000
+    # and a later backup of the same archive still works
+    with closing(world.store()) as store:
+        image = world.root / "image"
+        engine(world.state).backup(store, [VolumeSource("some-volume", str(image))])
 
 
 def test_an_honest_stream_from_the_same_worker_is_imported(
-    platform: LocalPlatform, tmp_path: Path
+    world: World, restored: list[str]
 ) -> None:
     """The control case: the refusals above are about the lies, not about the harness."""
-    run(platform, tmp_path, "good")
-    assert "victim" in [vm.name for vm in platform.list_vms()]
-    (volume,) = platform.vm_volumes("victim")
-    assert Path(volume.path).read_bytes() == b"\x5a" * (1 << 20)
+    restored.append("good")
+    world.restore("good")
+    assert "good" in world.vm_names()
+    (volume,) = world.platform.vm_volumes("good")
+    assert Path(volume.path).read_bytes() == b"\x5a" * SIZE

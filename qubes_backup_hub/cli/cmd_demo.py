@@ -36,7 +36,7 @@ from ..platform.base import VMSettings
 from ..platform.local.platform import LocalPlatform
 from ..progress import Progress, human_bytes
 from ..registry import Registry
-from ..safety.rollback import LocalState, default_home
+from ..safety.rollback import default_home
 from ..store.base import Store
 from ..store.local import LocalDirStore
 from ..store.qrexec import QrexecStore
@@ -246,9 +246,7 @@ def demo(workdir: Path | None, size_mib: int, json_output: bool) -> None:
 
     def restore(platform: LocalPlatform, store: Store, request: RestoreRequest) -> dict[str, Any]:
         with opened(store):
-            return restore_vms(
-                platform, store, hook, LocalState(platform.home), DEMO_PASSPHRASE, request
-            )
+            return restore_vms(platform, store, hook, demo_engine(registry, platform.home), request)
 
     steps.run(
         "create sample VMs",

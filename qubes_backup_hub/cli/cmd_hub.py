@@ -10,11 +10,10 @@ import click
 from ..errors import UsageError
 from ..jobs.backup import backup_vms, choose_vms
 from ..jobs.restore import RestoreRequest, restore_vms
-from ..passphrase import PassphraseSource
 from ..platform.detect import default_platform
 from ..progress import human_bytes
 from ..safety.names import check_session_id
-from ..safety.rollback import LocalState, default_home
+from ..safety.policy import RISKS
 from . import format as fmt
 from .context import archive_options, cli_state
 
@@ -81,6 +80,16 @@ def parse_renames(renames: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option("--data-only", is_flag=True, help="Restore volume data into existing VMs only.")
 @click.option("--replace", is_flag=True, help="Replace existing VMs of the same name.")
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    type=click.Choice(sorted(RISKS)),
+    metavar="RISK",
+    help="Also restore settings the policy holds back for this risk (repeatable): "
+    + "; ".join(f"{word}: {what}" for word, what in sorted(RISKS.items()))
+    + ".",
+)
 def restore(
     dest: str,
     engine: str,
@@ -94,11 +103,16 @@ def restore(
     settings_only: bool,
     data_only: bool,
     replace: bool,
+    allow: tuple[str, ...],
 ) -> None:
     """Restore VMs from an archive; the archive is parsed in a disposable VM, never in dom0.
 
-    Nothing is imported until the restore stream's header passed every check; a failure removes
-    the VMs this restore created. Existing VMs are left alone unless --replace.
+    dom0 authenticates the archive root and hands the disposable VM only a read key. Nothing is
+    imported until the restore stream's header passed every check and the settings policy
+    (docs/threat-model.md): references to dom0 or the backup VM refuse the restore; risky
+    settings (PCI devices, autostart, PV mode, ...) are left out unless --allow names the risk;
+    what is sensitive is listed before anything is created. A failure removes the VMs this
+    restore created. Existing VMs are left alone unless --replace.
     """
     state = cli_state(json_output)
     if not vms and not all_vms:
@@ -114,18 +128,14 @@ def restore(
         data_only=data_only,
         replace=replace,
         engine=engine,
+        all_vms=all_vms,
+        allow=frozenset(allow),
+        report=lambda line: click.echo(line, err=True),
     )
-    passphrase = PassphraseSource(file=passphrase_file).get()
+    eng = state.engine(engine, passphrase_file)
     store = state.store(dest)
     try:
-        result = restore_vms(
-            default_platform(),
-            store,
-            state.registry.pm.hook,
-            LocalState(default_home()),
-            passphrase,
-            request,
-        )
+        result = restore_vms(default_platform(), store, state.registry.pm.hook, eng, request)
     finally:
         store.close()
     state.emit(result, restore_text)

@@ -1,9 +1,14 @@
 """VM-level restore, dom0's side: drive a restore worker in a DispVM and import what it sends.
 
-dom0 relays the worker's read-only store requests, then reads the restore stream: the header is
-parsed strictly and put through every restore-validate hook and the rollback check before any VM
-is created; volume bytes are imported by exact length; anything after the last byte, a short or
-long volume, or a worker failure aborts, and every VM this restore created is removed again.
+dom0 authenticates the archive root itself (the engine's `grant_read`: KDF, rollback check and
+rollback memory all in dom0) and hands the worker only what reading needs, never the passphrase.
+It relays the worker's read requests, but only for objects in its own listing of the archive,
+each capped at its listed size, and serves the root it authenticated. Then it reads the restore
+stream: the header is parsed strictly (bounded size and nesting), must describe exactly the VMs
+the user asked for from the session dom0 expects, passes every restore-validate hook and the
+settings policy (`safety.policy`) before any VM is created; what the policy marks sensitive is
+reported first. Volume bytes are imported by exact length; anything after the last byte, a short
+or long volume, or a worker failure aborts, and every VM this restore created is removed again.
 With --replace or --data-only (which touch existing VMs) the whole stream is first received and
 checked once without importing, and only then imported from a second run of the worker.
 """
@@ -12,14 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 import pluggy
 
-from ..errors import IntegrityError, NotFoundError, QbhubError, RollbackError, UsageError
+from ..engine import Engine, ReadGrant
+from ..errors import IntegrityError, NotFoundError, QbhubError, UsageError
 from ..platform.base import Platform, ServiceProcess, VMSettings
 from ..safety import vm_rules
+from ..safety.jsonlimits import loads_bounded
 from ..safety.restore_channel import (
     DATA,
     END,
@@ -36,8 +44,15 @@ from ..safety.restore_channel import (
     send,
 )
 from ..safety.restore_header import RestoreHeader, RestoreVM, RestoreVolume
-from ..safety.rollback import LocalState
-from ..safety.vm_rules import PROPERTIES, VM_REF, check_vm_name
+from ..safety.vm_rules import (
+    PROPERTIES,
+    VM_REF,
+    KnownVM,
+    PolicyContext,
+    PolicyOutcome,
+    apply_policy,
+    check_vm_name,
+)
 from ..store.base import Store
 from ..store.qrexec import OP, QrexecStore
 from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, release
@@ -60,13 +75,29 @@ class RestoreRequest:
     data_only: bool = False
     replace: bool = False
     engine: str = "native"
+    all_vms: bool = False
+    allow: frozenset[str] = frozenset()  # --allow words (see safety.policy.RISKS)
+    report: Callable[[str], None] = lambda line: None  # lines shown before anything is created
 
 
 class WorkerChannel:
-    """dom0's end of one restore worker: relays store queries, yields the stream's frames."""
+    """dom0's end of one restore worker: relays read queries, yields the stream's frames.
 
-    def __init__(self, process: ServiceProcess, store: Store) -> None:
+    The relay answers reads of objects in `listing` (dom0's own listing of the archive) only,
+    each capped at its listed size, and serves `pinned_root` (the root dom0 authenticated) for
+    the root: the worker can neither probe storage for names of its choosing nor see a root
+    other than the one dom0 checked.
+    """
+
+    def __init__(
+        self,
+        process: ServiceProcess,
+        store: Store,
+        listing: dict[str, int],
+        pinned_root: bytes,
+    ) -> None:
         self.process, self.store = process, store
+        self.listing, self.pinned_root = listing, pinned_root
         self.pending = b""  # DATA bytes received but not consumed yet
 
     def start(self, job: dict[str, Any]) -> None:
@@ -91,22 +122,31 @@ class WorkerChannel:
         try:
             if op is None:
                 raise UsageError("the restore worker may only read")
-            args = query[1:].decode().split("\n")
+            args = query[1:].decode("ascii").split("\n")
             if op == "get":
-                body = self.store.get(args[0], min(int(args[1]), MAX_STORE_REPLY))
+                size = self._listed(args[0])
+                body = self.store.get(args[0], min(int(args[1]), size, MAX_STORE_REPLY))
             elif op == "range":
-                body = self.store.get_range(
-                    args[0], int(args[1]), min(int(args[2]), MAX_STORE_REPLY)
-                )
+                size = self._listed(args[0])
+                offset, length = int(args[1]), int(args[2])
+                if not (0 <= offset <= size and 0 <= length <= min(size - offset, MAX_STORE_REPLY)):
+                    raise UsageError(f"range outside object {args[0]}")
+                body = self.store.get_range(args[0], offset, length)
             elif op == "list":
-                body = "".join(f"{n} {s}\n" for n, s in self.store.list()).encode()
+                body = "".join(f"{n} {s}\n" for n, s in sorted(self.listing.items())).encode()
             elif op == "root_get":
-                body = self.store.get_root(min(int(args[0]), MAX_STORE_REPLY)) or b""
+                body = self.pinned_root
             else:
-                body = b"1" if self.store.exists() else b"0"
+                body = b"1"
         except (QbhubError, ValueError, IndexError, UnicodeDecodeError) as exc:
             return b"\x01" + str(exc).encode()[:1000]
         return b"\x00" + body
+
+    def _listed(self, name: str) -> int:
+        size = self.listing.get(name)
+        if size is None:
+            raise UsageError(f"no object {name[:80]!r} in the archive")
+        return size
 
     def read_volume_into(self, size: int) -> IO[bytes]:
         """A reader of exactly the next `size` bytes (duck-typed as a binary file)."""
@@ -143,11 +183,14 @@ class VolumeReader:
         return True
 
 
-def parse_header(payload: bytes, request: RestoreRequest) -> tuple[RestoreHeader, dict[str, Any]]:
-    """Decode the header strictly into a RestoreHeader (renames applied) and its archive facts."""
+def parse_header(payload: bytes, request: RestoreRequest) -> RestoreHeader:
+    """Decode the header strictly into a RestoreHeader with the renames applied.
+
+    Only the session and the VMs are read; what the worker says of the archive (its ID or
+    generation) is ignored: dom0 learned those from the root it authenticated itself.
+    """
     try:
-        doc = json.loads(payload)
-        facts = {k: doc[k] for k in ("archive_id", "generation", "identity", "session")}
+        doc = loads_bounded(payload)
         vms = []
         for vm in doc["vms"]:
             name = check_vm_name(vm["name"], "restore header")
@@ -157,11 +200,33 @@ def parse_header(payload: bytes, request: RestoreRequest) -> tuple[RestoreHeader
                     request.renames.get(name, name), str(vm["class"]), vm["settings"], volumes
                 )
             )
-        if not isinstance(facts["generation"], int) or not isinstance(facts["archive_id"], str):
-            raise TypeError("archive facts")
+        session = doc["session"]
+        if not isinstance(session, str):
+            raise TypeError("session")
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"the restore header is malformed ({exc})") from None
-    return RestoreHeader(volumes=(), session=str(facts["session"]), vms=tuple(vms)), facts
+    return RestoreHeader(volumes=(), session=session, vms=tuple(vms))
+
+
+def check_asked_for(header: RestoreHeader, grant: ReadGrant, request: RestoreRequest) -> None:
+    """The header names the session dom0 expects and exactly the VMs the user asked for."""
+    sessions = grant.facts.sessions
+    expected = request.session or (sessions[-1] if sessions else None)
+    if header.session != expected or header.session not in sessions:
+        raise IntegrityError(
+            f"the restore worker sent session {header.session[:40]!r}, not {expected}"
+        )
+    names = [vm.name for vm in header.vms]
+    if len(set(names)) != len(names):
+        raise IntegrityError("the restore worker sent a VM twice")
+    if request.vms:
+        wanted = {request.renames.get(n, n) for n in request.vms}
+        if set(names) != wanted:
+            extra = sorted(set(names) - wanted)[:3]
+            raise IntegrityError(
+                "the restore worker sent other VMs than asked for"
+                + (f" ({', '.join(extra)})" if extra else "")
+            )
 
 
 def dependency_order(vms: tuple[RestoreVM, ...]) -> list[RestoreVM]:
@@ -169,22 +234,6 @@ def dependency_order(vms: tuple[RestoreVM, ...]) -> list[RestoreVM]:
     return vm_rules.dependency_order(
         vms, lambda vm: vm.name, lambda vm: vm.settings.get("properties", {})
     )
-
-
-def check_archive(state: LocalState, facts: dict[str, Any]) -> None:
-    """Refuse a substituted archive or a rolled-back root (the worker reports, dom0 decides)."""
-    known = state.recall(str(facts["archive_id"]))
-    if known is None:
-        return
-    if known.identity and known.identity != facts["identity"]:
-        raise IntegrityError(
-            f"archive {facts['archive_id']} is not the one this machine knows by that ID; refusing"
-        )
-    if facts["generation"] < known.generation:
-        raise RollbackError(
-            f"archive rollback detected: the root is generation {facts['generation']}, "
-            f"but generation {known.generation} was seen here"
-        )
 
 
 def _settings_of(vm: RestoreVM) -> VMSettings:
@@ -219,26 +268,31 @@ def restore_vms(
     platform: Platform,
     store: Store,
     hook: pluggy.HookRelay,
-    state: LocalState,
-    passphrase: bytes,
+    engine: Engine,
     request: RestoreRequest,
 ) -> dict[str, Any]:
-    """Restore VMs from the archive in `store`; see the module docstring for the guarantees."""
+    """Restore VMs from the archive in `store`; see the module docstring for the guarantees.
+
+    `engine` is dom0's instance of the archive's engine: it authenticates the root here and
+    grants the worker read access (`Engine.grant_read`); it never parses anything else.
+    """
     if request.settings_only and request.data_only:
         raise UsageError("--settings-only and --data-only exclude each other")
     for new in request.renames.values():
         check_vm_name(new, "--rename")
+    grant = engine.grant_read(store)
+    listing = dict(store.list())
     if request.replace or request.data_only:
-        _run_worker(platform, store, hook, state, passphrase, request, do_import=False)
-    return _run_worker(platform, store, hook, state, passphrase, request, do_import=True)
+        _run_worker(platform, store, hook, grant, listing, request, do_import=False)
+    return _run_worker(platform, store, hook, grant, listing, request, do_import=True)
 
 
 def _run_worker(
     platform: Platform,
     store: Store,
     hook: pluggy.HookRelay,
-    state: LocalState,
-    passphrase: bytes,
+    grant: ReadGrant,
+    listing: dict[str, int],
     request: RestoreRequest,
     *,
     do_import: bool,
@@ -246,13 +300,13 @@ def _run_worker(
     existing = {vm.name for vm in platform.list_vms()}
     job = {
         "engine": request.engine,
-        "passphrase": passphrase.decode(),
+        "grant": grant.secret,
         "session": request.session,
         "vms": request.vms,
         "settings_only": request.settings_only,
     }
     process = platform.dispvm_service(WORKER_SERVICE)
-    channel = WorkerChannel(process, store)
+    channel = WorkerChannel(process, store, listing, grant.pinned_root)
     created: list[str] = []
     held: list[HeldVM] = []
     removed: list[str] = []
@@ -261,21 +315,24 @@ def _run_worker(
         kind, payload = channel.next_frame()
         if kind != HEADER:
             raise IntegrityError("the restore stream does not start with a header")
-        header, facts = parse_header(payload, request)
+        header = parse_header(payload, request)
+        check_asked_for(header, grant, request)
         hook.qbhub_validate_restore(header=header)
-        check_archive(state, facts)
         header = _renamed(header, request.renames)
         _check_plan(header, existing, request)
+        outcome = _judge(platform, store, header, request)
+        header = _with_settings(header, outcome)
         removals = _replace_plan(platform, store, header, existing, request)
         if not do_import:
             _consume(channel, header, request)
             return {"session": header.session}
+        _report_plan(header, outcome, request)
         held = hold_vms(platform, removals)
         for name in removals:
             platform.remove_vm(name)
             removed.append(name)
         order = dependency_order(header.vms)
-        failed: list[str] = []
+        failed: list[str] = list(outcome.left_out)
         if not request.data_only:
             for vm in order:
                 platform.create_vm(_settings_of(vm), pool=request.pool)
@@ -293,7 +350,6 @@ def _run_worker(
         if not request.data_only:
             for vm in order:
                 failed += [f"{vm.name}: {f}" for f in platform.apply_settings(_settings_of(vm))]
-        state.remember(str(facts["archive_id"]), int(facts["generation"]), str(facts["identity"]))
     except BaseException as exc:
         process.kill()
         for name in reversed(created):
@@ -310,6 +366,54 @@ def _run_worker(
         "bytes_imported": imported,
         "settings_failed": failed + [f"holder VM {h} could not be removed" for h in leftover],
     }
+
+
+def _judge(
+    platform: Platform, store: Store, header: RestoreHeader, request: RestoreRequest
+) -> PolicyOutcome:
+    """Apply the settings policy with dom0's own knowledge of its VMs (not the worker's)."""
+    known: dict[str, KnownVM] = {}
+    untouchable: set[str] = set()
+    for summary in platform.list_vms():
+        if summary.klass in ("AdminVM", "DispVM"):
+            known[summary.name] = KnownVM(summary.klass)
+            continue
+        props = platform.vm_settings(summary.name).properties
+        known[summary.name] = KnownVM(
+            summary.klass,
+            provides_network=str(props.get("provides_network")) == "True",
+            template_for_dispvms=str(props.get("template_for_dispvms")) == "True",
+        )
+    if isinstance(store, QrexecStore):
+        untouchable.add(store.vm)
+    restored = {vm.name: vm.klass for vm in header.vms}
+    context = PolicyContext(
+        restored=restored,
+        existing={k: v for k, v in known.items() if k not in restored or request.replace},
+        untouchable=untouchable,
+        allow=request.allow,
+        limits=platform.host_limits(),
+    )
+    return apply_policy([(vm.name, vm.klass, vm.settings) for vm in header.vms], context)
+
+
+def _with_settings(header: RestoreHeader, outcome: PolicyOutcome) -> RestoreHeader:
+    """The header with each VM's settings replaced by what the policy lets through."""
+    vms = tuple(
+        RestoreVM(vm.name, vm.klass, outcome.settings[vm.name], vm.volumes) for vm in header.vms
+    )
+    return RestoreHeader(header.volumes, header.session, header.settings, vms)
+
+
+def _report_plan(header: RestoreHeader, outcome: PolicyOutcome, request: RestoreRequest) -> None:
+    """Tell the user, before anything is created, what will be applied that is sensitive."""
+    if request.data_only:
+        return
+    request.report(f"restoring {', '.join(vm.name for vm in header.vms)} from {header.session}")
+    for line in outcome.sensitive:
+        request.report(f"  sensitive: {line}")
+    for line in outcome.left_out:
+        request.report(f"  left out: {line}")
 
 
 def _recover(

@@ -129,6 +129,11 @@ class Platform(ABC):
     def call_service(self, vm: str, service: str, args: Sequence[str] = ()) -> ServiceProcess:
         """Start `service` in `vm` with stdin/stdout pipes (qrexec in Qubes)."""
 
+    def host_limits(self) -> dict[str, int]:
+        """Upper bounds this host puts on restored VM numbers ("memory" in MiB, "vcpus");
+        a restore lowers larger values to these. The default knows no host limits."""
+        return {}
+
     @abstractmethod
     def dispvm_service(self, service: str, args: Sequence[str] = ()) -> ServiceProcess:
         """Start `service` in a new disposable VM, destroyed when the service ends."""

@@ -33,6 +33,8 @@ def receive(stream: IO[bytes], limits: dict[bytes, int]) -> tuple[bytes, bytes]:
     head = _read_exact(stream, FRAME.size)
     if head is None:
         raise IntegrityError("the restore worker ended without finishing its stream")
+    if len(head) != FRAME.size:
+        raise IntegrityError("the restore worker's stream ends inside a frame header")
     kind, length = bytes((head[0],)), FRAME.unpack(head)[1]
     if kind not in limits:
         raise IntegrityError(f"the restore worker sent an unexpected frame {kind!r}")

@@ -1,10 +1,12 @@
 """qbhub restore worker: runs in a disposable VM, parses the archive, emits a restore stream.
 
-dom0 starts it as the `qbhub.RestoreWorker` service and sends one JOB frame (engine, passphrase,
-session, VM names, settings-only flag). The worker reads the archive only through dom0 (QUERY
-frames with read-only store requests), so it holds no capability of its own; everything an
-attacker controls in storage is parsed here, not in dom0. What it sends back is the restore
-stream described in `restore_channel`: a strict header, then exactly the declared bytes.
+dom0 starts it as the `qbhub.RestoreWorker` service and sends one JOB frame (engine, read grant,
+session, VM names, settings-only flag). The grant is what the engine needs to read this archive
+(`Engine.grant_read`, made in dom0): never the passphrase. The worker reads the archive only
+through dom0 (QUERY frames with read requests, answered only for objects dom0 listed), so it
+holds no capability of its own; everything an attacker controls in storage is parsed here, not in
+dom0. What it sends back is the restore stream described in `safety.restore_channel`: a strict
+header, then exactly the declared bytes.
 """
 
 from __future__ import annotations
@@ -122,17 +124,15 @@ def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
     with tempfile.TemporaryDirectory() as state_dir:
         context = EngineContext(
             hook=registry.pm.hook,
-            passphrase=PassphraseSource(env_var=None, value=str(job["passphrase"]).encode()),
+            passphrase=PassphraseSource(env_var=None, prompt=""),
             state_dir=Path(state_dir),
             progress=Progress(enabled=False),
+            read_grant=_grant(job),
         )
         engine = registry.engine(str(job.get("engine", "native"))).create(context)
         info = engine.describe_session(store, job.get("session"))
         vms = select_vms(info["metadata"], [str(v) for v in job.get("vms", [])])
         header = {
-            "archive_id": info["archive_id"],
-            "generation": info["generation"],
-            "identity": info["identity"],
             "session": info["session"],
             "settings_only": bool(job.get("settings_only")),
             "vms": [
@@ -157,6 +157,15 @@ def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
                     )
         send(requests, END)
         requests.flush()
+
+
+def _grant(job: dict[str, Any]) -> dict[str, str]:
+    grant = job.get("grant")
+    if not isinstance(grant, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in grant.items()
+    ):
+        raise QbhubError("the job carries no read grant")
+    return grant
 
 
 def _data_writer(out: BinaryIO, lock: threading.Lock) -> Callable[[bytes], None]:

@@ -11,6 +11,8 @@ dom0 is always there, as the AdminVM; it owns no volumes and runs no services.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -221,6 +223,18 @@ class LocalPlatform(Platform):
         spec = self._spec(vm, service, args)
         spec.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         return self._start(spec, f"{vm}.log")
+
+    def host_limits(self) -> dict[str, int]:
+        """This machine's memory and CPUs: a restored VM asks for no more than the host has."""
+        limits = {"vcpus": os.cpu_count() or 1}
+        with (
+            contextlib.suppress(OSError, ValueError, IndexError),
+            open("/proc/meminfo", encoding="ascii") as meminfo,
+        ):
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    limits["memory"] = limits["maxmem"] = int(line.split()[1]) // 1024
+        return limits
 
     def dispvm_service(self, service: str, args: Sequence[str] = ()) -> SandboxedProcess:
         parent = self.root / "dispvms"

@@ -317,6 +317,9 @@ class QubesPlatform(Platform):
         self._service_argv("dom0", service, args)  # validate before creating anything
         name = self.api.create_disposable(self.dispvm_template)
         try:
+            # The default DispVM template usually has network; a worker parsing hostile data
+            # must not: cut it before the DispVM starts.
+            self.api.property_set(name, "netvm", "")
             self._start(name)
             return QrexecProcess(self._service_argv(name, service, args), name, self.api)
         except BaseException:
