@@ -68,6 +68,13 @@ PROPERTY_POLICY: dict[str, Verdict] = {
     "kernel": RESTORE,
     "kernelopts": RISK("kernel-options"),
     "default_user": RESTORE,
+    "stubdom_mem": RESTORE,
+    "keyboard_layout": RESTORE,
+    "bootmode": RESTORE,  # the name of a boot mode the VM's own features define
+    "devices_denied": RESTORE,  # only ever narrows what may be attached
+    "ip": RISK("network-identity"),  # another VM's address would take its traffic
+    "ip6": RISK("network-identity"),
+    "mac": RISK("network-identity"),
 }
 
 # Feature name pattern -> verdict, first match wins.
@@ -138,6 +145,7 @@ NUMBER_BOUNDS: dict[str, tuple[int, int]] = {
     "vcpus": (1, 512),
     "qrexec_timeout": (1, 3600),  # seconds
     "shutdown_timeout": (1, 3600),  # seconds
+    "stubdom_mem": (0, 1 << 16),  # MiB
 }
 
 # Every --allow word, with what it risks (shown by `qbhub restore --help`).
@@ -152,6 +160,7 @@ RISKS: dict[str, str] = {
     "microphone": "attach microphones to restored VMs",
     "webcam": "attach cameras to restored VMs",
     "dom0-devices": "attach devices dom0 itself exposes (its disks, USB) to restored VMs",
+    "network-identity": "restore fixed IP and MAC addresses (another VM's would take its traffic)",
 }
 
 

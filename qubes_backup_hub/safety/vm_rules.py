@@ -36,6 +36,7 @@ MAX_FIREWALL_RULES = 1000
 MAX_NOTES = 256 * 1024
 
 VM_REF = "vm-or-empty"
+OCTET = r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
 # property name -> expected kind of value (unknown names are left out by the policy)
 PROPERTIES: dict[str, object] = {
     "label": LABELS,
@@ -59,6 +60,13 @@ PROPERTIES: dict[str, object] = {
     "kernel": re.compile(r"[a-zA-Z0-9._-]{0,64}"),
     "kernelopts": re.compile(r"[\x20-\x7e]{0,1024}"),
     "default_user": re.compile(r"[a-z_][a-z0-9_-]{0,31}"),
+    "stubdom_mem": int,
+    "ip": re.compile(rf"({OCTET}\.){{3}}{OCTET}"),
+    "ip6": re.compile(r"[0-9a-f:]{2,39}"),
+    "mac": re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}"),
+    "keyboard_layout": re.compile(r"[a-zA-Z]{1,32}\+[a-zA-Z0-9_-]{0,32}\+[a-zA-Z0-9_:,-]{0,128}"),
+    "bootmode": re.compile(r"[a-zA-Z0-9_.-]{0,64}"),
+    "devices_denied": re.compile(r"([bump*][0-9a-f*]{6}){0,256}"),
 }
 
 # A firewall rule as Qubes writes it: space-separated key=value words, action first.
