@@ -561,7 +561,7 @@ def test_unencrypted_root_cannot_replace_an_encrypted_archive(world: World, tmp_
     forged = tmp_path / "forged"
     evil = marked_image(tmp_path / "evil.img", 8, 666, b"ATTACKER-CONTROLLED-CONTENT")
     attacker.run("init", "--encryption", "off", "--dest", forged)
-    attacker.run("volume", "backup", "--dest", forged, f"{evil}={ALPHA}")
+    attacker.run("volume", "backup", "--allow-unencrypted", "--dest", forged, f"{evil}={ALPHA}")
     # Re-seal the forged root's body under the victim's archive ID, with a high generation.
     forged_root = (forged / "root").read_bytes()
     _, end, header = root_header(forged_root)
@@ -583,7 +583,11 @@ def test_unencrypted_root_cannot_replace_an_encrypted_archive(world: World, tmp_
     assert not (target.exists() and b"ATTACKER-CONTROLLED-CONTENT" in target.read_bytes()), (
         "restored the attacker's data from a forged unencrypted root"
     )
-    assert_one_line_error(result, {3, 4, 5})
+    assert "unencrypted" in assert_one_line_error(result, 3)
+    # Even with the opt-in, an ID this machine knows under another key is not that archive.
+    opted_in = world.restore(ALPHA, target, "--allow-unencrypted")
+    assert "another key" in assert_one_line_error(opted_in, 3)
+    assert list(world.out.iterdir()) == []
 
 
 # -- names, sizes and plaintext ---------------------------------------------------------------
@@ -624,17 +628,19 @@ def test_unencrypted_archive_still_detects_a_bit_flip(
     archive = tmp_path / "plain-archive"
     image = image_factory(blocks=32, seed=7)
     qbhub.run("init", "--encryption", "off", "--dest", archive)
-    qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk")
+    opt_in = "--allow-unencrypted"
+    qbhub.run("volume", "backup", opt_in, "--dest", archive, f"{image}=disk")
     pack = next(p for n, p in objects(archive).items() if n.startswith("p"))
     flip(pack, FIRST_BLOB_BYTE)
     out = tmp_path / "out"
     out.mkdir()
     restore = qbhub.run(
-        "volume", "restore", "--dest", archive, "disk", "--to", out / "disk.img", check=False
-    )
+        "volume", "restore", opt_in, "--dest", archive, "disk", "--to", out / "disk.img",
+        check=False,
+    )  # fmt: skip
     assert_one_line_error(restore, 3)
     assert list(out.iterdir()) == []
-    assert_one_line_error(qbhub.run("verify", "--dest", archive, check=False), 3)
+    assert_one_line_error(qbhub.run("verify", opt_in, "--dest", archive, check=False), 3)
     flip(pack, FIRST_BLOB_BYTE)  # repaired; now damage the root body instead
     flip(archive / "root", -5)
-    assert_one_line_error(qbhub.run("list", "--dest", archive, check=False), 3)
+    assert_one_line_error(qbhub.run("list", opt_in, "--dest", archive, check=False), 3)

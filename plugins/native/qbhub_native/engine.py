@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
+from qubes_backup_hub.engine import Engine, EngineContext, ReadGrant, VolumeSource
 from qubes_backup_hub.errors import NotFoundError, UsageError
 from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 from qubes_backup_hub.safety.rollback import LocalState
@@ -16,12 +16,7 @@ from .archiver import run_session
 from .compare import compare_volume
 from .limits import MAX_ROOT
 from .prune import choose_sessions, prune_archive
-from .repository import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_COMPRESSION_LEVEL,
-    Repository,
-    archive_identity,
-)
+from .repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
 from .restore import VolumeRestore
 from .root import split_root
 from .session import SessionRecord, VolumeRecord
@@ -55,31 +50,65 @@ class NativeEngine(Engine):
 
         Writers pass `fresh=True` (under the store lock) so they never act on a stale root; the
         root is then read again, and the cached key and index are reused only if they still fit.
+        With a read grant (a restore worker) the grant's keys open the archive: no passphrase,
+        no KDF, no rollback memory (the worker's is throwaway; dom0 checked the root).
         """
         cached = self._repos.get(id(store))
         if cached is not None and cached.store is not store:
             cached = None
         if cached is not None and not fresh:
             return cached
-        repo = Repository.open(
-            store, lambda: self.context.passphrase.get(), self.state, reuse=cached
-        )
+        if self.context.read_grant is not None:
+            if fresh:
+                raise UsageError("a restore worker holds a read grant: it can't write")
+            repo = Repository.open_granted(store, self.context.read_grant)
+        else:
+            repo = self._open_with_passphrase(store, reuse=cached)
         self._repos[id(store)] = repo
         return repo
+
+    def _open_with_passphrase(
+        self, store: Store, *, reuse: Repository | None = None, load_indexes: bool = True
+    ) -> Repository:
+        return Repository.open(
+            store,
+            lambda: self.context.passphrase.get(),
+            self.state,
+            reuse=reuse,
+            allow_unencrypted=self.context.allow_unencrypted,
+            announce=self.context.announce,
+            load_indexes=load_indexes,
+        )
+
+    def _refuse_if_granted(self) -> None:
+        """Writes never happen with a read grant: refuse before anything is uploaded."""
+        if self.context.read_grant is not None:
+            raise UsageError("a restore worker holds a read grant: it can't write")
 
     def _archive_info(self, repo: Repository) -> dict[str, Any]:
         return {
             "archive_id": repo.header.archive_id,
             "encryption": repo.header.suite,
+            "fingerprint": repo.fingerprint or None,
             "generation": repo.body.generation,
             "updated": repo.body.updated,
             "first_contact": repo.info.first_contact,
         }
 
+    def grant_read(self, store: Store) -> ReadGrant:
+        """Open the archive here (the KDF runs in dom0) with every check of an opening
+        (unencrypted refusal, first-contact announcement, rollback, remembering), and return
+        the facts of that root, the root's exact bytes, and the keys that read it (never the
+        passphrase, the master key or its wrapping, nor the ID key that writing needs)."""
+        self._refuse_if_granted()
+        repo = self._open_with_passphrase(store, load_indexes=False)
+        return ReadGrant(facts=repo.facts, secret=repo.read_grant(), pinned_root=repo.root_bytes)
+
     def prepare(self, store: Store) -> None:
         self._open(store)
 
     def init_archive(self, store: Store, *, encryption: bool) -> dict[str, Any]:
+        self._refuse_if_granted()
         if store.exists():
             raise UsageError(f"{store.url} already holds an archive")
         options = self.context.options
@@ -100,6 +129,7 @@ class NativeEngine(Engine):
         *,
         metadata: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        self._refuse_if_granted()
         with store.lock():
             repo = self._open(store, fresh=True)
             record, writer = run_session(
@@ -156,6 +186,7 @@ class NativeEngine(Engine):
         }
 
     def prune(self, store: Store, *, sessions: list[str], keep_last: int | None) -> dict[str, Any]:
+        self._refuse_if_granted()
         with store.lock():
             repo = self._open(store, fresh=True)
             drop = choose_sessions(repo, sessions, keep_last)
@@ -163,6 +194,7 @@ class NativeEngine(Engine):
         return {**self._archive_info(repo), **result}
 
     def change_passphrase(self, store: Store) -> dict[str, Any]:
+        self._refuse_if_granted()
         if self.context.new_passphrase is None:
             raise UsageError("no new passphrase source given")
         with store.lock():
@@ -197,7 +229,6 @@ class NativeEngine(Engine):
         record = repo.session_record(ref)
         return {
             **self._archive_info(repo),
-            "identity": archive_identity(repo.header.suite, repo.master_key),
             "session": record.session_id,
             "metadata": record.metadata,
             "volumes": [{"name": v.name, "size": v.size} for v in record.volumes],

@@ -1,8 +1,15 @@
 """The repository: opening an archive, reading authenticated blobs, and committing a new root.
 
-Opening reads the root (size-capped), unwraps the key, authenticates the body, refuses a root
-older than the newest this machine saw (rollback), and loads every index object the root lists.
-Writing goes through `writer.BlobWriter`; `commit()` writes the new root last.
+Opening reads the root (size-capped), refuses an unencrypted one unless the user allowed it,
+recalls this machine's memory of the archive ID, unwraps the key, authenticates the body, then
+checks the root against that memory (rollback, substitution) and loads every index the root
+lists. Writing goes through `writer.BlobWriter`; `commit()` writes the new root last.
+
+Guarantees: a Repository exists only for a root authenticated under the user's passphrase (or,
+with `allow_unencrypted`, the explicit opt-in, an unencrypted one; or under the keys of a read
+grant dom0 made, which never writes). Rollback memory changes only after this process
+authenticated or wrote a root. A reader racing a writer never reports a rollback: the root that
+is compared with the memory was read after the memory was.
 """
 
 from __future__ import annotations
@@ -13,14 +20,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import blake3
-
-from qubes_backup_hub.errors import IntegrityError, NotFoundError, RollbackError, StoreError
-from qubes_backup_hub.safety.rollback import LocalState
+from qubes_backup_hub.errors import (
+    IntegrityError,
+    NotFoundError,
+    StoreError,
+    UnencryptedArchiveError,
+    UsageError,
+)
+from qubes_backup_hub.safety.rollback import (
+    ArchiveFacts,
+    ArchiveMemory,
+    LocalState,
+    check_rollback,
+)
 from qubes_backup_hub.store.base import Store
 
 from .blob import BlobCodec, BlobType
-from .crypto import MASTER_KEY_BYTES, SUITE_AES, SUITE_NONE, Keys, Sealer, unwrap_key, wrap_key
+from .crypto import (
+    MASTER_KEY_BYTES,
+    SUITE_AES,
+    SUITE_NONE,
+    Keys,
+    Sealer,
+    key_fingerprint,
+    unwrap_key,
+    wrap_key,
+)
 from .index import Index, decode_index
 from .limits import MAX_CHUNK_SIZE, MAX_INDEX_OBJECT, MAX_ROOT, MAX_SESSION_RECORD, MIN_CHUNK_SIZE
 from .root import RootBody, RootHeader, SessionRef, encode_root, open_body, split_root
@@ -29,17 +54,8 @@ from .tree import DEFAULT_FANOUT, decode_page
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_COMPRESSION_LEVEL = 1
-CONTEXT_FINGERPRINT = "qbhub 2026-11 v1 archive fingerprint"
-
-
-def archive_identity(suite: str, master: bytes) -> str:
-    """A one-way fingerprint of the suite and master key, remembered locally per archive ID.
-
-    It survives passphrase changes (the master key stays) and exposes nothing about the key.
-    """
-    return (
-        suite + ":" + blake3.blake3(master, derive_key_context=CONTEXT_FINGERPRINT).hexdigest()[:32]
-    )
+GRANT_FORMAT = "qbhub-native-read-grant-1"
+Announce = Callable[[ArchiveFacts], None]
 
 
 def utc_now() -> str:
@@ -55,29 +71,162 @@ class OpenInfo:
     updated: str
 
 
+@dataclass(frozen=True)
+class AuthenticatedRoot:
+    """One root as read from the store, with its body authenticated under `keys`."""
+
+    data: bytes
+    header: RootHeader
+    body: RootBody
+    keys: Keys
+    master: bytes | None  # None when opened with a read grant's keys
+    fingerprint: str  # "" when opened with a read grant's keys
+
+    def facts(self) -> ArchiveFacts:
+        """The facts a user (and the rollback memory) gets about this root."""
+        sessions = self.body.sessions
+        return ArchiveFacts(
+            archive_id=self.header.archive_id,
+            fingerprint=self.fingerprint,
+            generation=self.body.generation,
+            newest_session_time=sessions[-1].time if sessions else "",
+            encrypted=self.header.suite != SUITE_NONE,
+            sessions=tuple(s.session_id for s in sessions),
+        )
+
+
+def read_root(store: Store) -> bytes:
+    """The stored root, size-capped; NotFoundError if the store holds no archive."""
+    data = store.get_root(MAX_ROOT)
+    if data is None:
+        raise NotFoundError(f"no qbhub archive at {store.url} (run `qbhub init` first)")
+    return data
+
+
+def refuse_unencrypted(header: RootHeader, allowed: bool) -> None:
+    """UnencryptedArchiveError for a suite-`none` root unless the user opted in."""
+    if header.suite == SUITE_NONE and not allowed:
+        raise UnencryptedArchiveError(
+            f"archive {header.archive_id} is unencrypted (made with --encryption off): nothing "
+            "authenticates it, so storage could have substituted it; refusing it "
+            "(--allow-unencrypted is the explicit opt-in)"
+        )
+
+
+def unlock_master(header: RootHeader, passphrase: Callable[[], bytes]) -> bytes:
+    """The master key: unwrapped under the passphrase (KDF bounds checked), or the clear one."""
+    if header.suite == SUITE_AES:
+        if not header.wrapped_key or not header.kdf or header.clear_key is not None:
+            raise IntegrityError("the archive root lacks its wrapped key")
+        return unwrap_key(
+            bytes.fromhex(header.wrapped_key),
+            passphrase(),
+            header.kdf,
+            bytes.fromhex(header.archive_id),
+        )
+    if header.suite == SUITE_NONE:
+        if not header.clear_key or header.wrapped_key is not None:
+            raise IntegrityError("the unencrypted archive root lacks its key")
+        master = bytes.fromhex(header.clear_key)
+        if len(master) != MASTER_KEY_BYTES:
+            raise IntegrityError("the archive key has the wrong length")
+        return master
+    raise IntegrityError(f"unknown encryption suite {header.suite!r}")
+
+
+def authenticate(
+    data: bytes,
+    passphrase: Callable[[], bytes],
+    *,
+    allow_unencrypted: bool,
+    known_key: tuple[RootHeader, bytes] | None = None,
+) -> AuthenticatedRoot:
+    """Parse `data` and authenticate its body under the passphrase.
+
+    `known_key` (a header and the master key it unwrapped to) skips the KDF when this header wraps
+    the key identically (same ID, suite, KDF, salt and wrapped bytes give the same key).
+    """
+    raw_header, header, sealed = split_root(data)
+    refuse_unencrypted(header, allow_unencrypted)
+    if known_key is not None and known_key[0] == header:
+        master = known_key[1]
+    else:
+        master = unlock_master(header, passphrase)
+    keys = Keys.from_master(header.suite, master)
+    body = open_body(raw_header, sealed, Sealer(keys))
+    check_geometry(body)
+    return AuthenticatedRoot(data, header, body, keys, master, key_fingerprint(master))
+
+
+def check_geometry(body: RootBody) -> None:
+    if not (MIN_CHUNK_SIZE <= body.chunk_size <= MAX_CHUNK_SIZE and 2 <= body.fanout <= 65535):
+        raise IntegrityError("the archive root holds impossible chunk or fan-out sizes")
+
+
+def check_same_key(known: dict[str, ArchiveMemory], facts: ArchiveFacts) -> None:
+    """Refuse a root whose key differs from every key this machine knows for its archive ID.
+
+    The master key of an archive never changes and `init` always picks a new ID, so the same ID
+    under another key is an archive made by someone else and given a known ID.
+    """
+    if known and facts.fingerprint not in known:
+        raise IntegrityError(
+            f"archive {facts.archive_id} is known here with another key (fingerprint "
+            f"{', '.join(sorted(known))}, now {facts.fingerprint}): a substituted archive? "
+            "refusing it"
+        )
+
+
+def parse_grant(grant: dict[str, str]) -> tuple[str, str, bytes]:
+    """(archive ID, suite, encryption key) from a read grant's secret; IntegrityError if odd."""
+    try:
+        if grant.get("format") != GRANT_FORMAT:
+            raise ValueError("unknown grant format")
+        key = bytes.fromhex(grant["encryption_key"])
+        archive_id, suite = str(grant["archive_id"]), str(grant["suite"])
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"the read grant is malformed ({exc})") from None
+    return archive_id, suite, key
+
+
 class Repository:
     """An opened archive."""
 
     def __init__(
         self,
         store: Store,
-        header: RootHeader,
-        body: RootBody,
-        master: bytes,
-        state: LocalState,
+        root: AuthenticatedRoot,
+        state: LocalState | None,
         first_contact: bool = False,
     ) -> None:
         self.store = store
-        self._master = master
-        sealer = Sealer(Keys.from_master(header.suite, master))
-        self.header = header
-        self.body = body
-        self.sealer = sealer
-        self.codec = BlobCodec(sealer, body.compression_level)
-        self.state = state
+        self._master = root.master
+        self.header = root.header
+        self.body = root.body
+        self.sealer = Sealer(root.keys)
+        self.codec = BlobCodec(self.sealer, root.body.compression_level)
+        self.state = state  # None: opened with a read grant, never remembers, never writes
+        self.fingerprint = root.fingerprint
         self.index = Index()
-        self.info = OpenInfo(first_contact, body.generation, body.updated)
-        self.root_bytes = b""  # the stored root this object reflects (set by open and commit)
+        self.info = OpenInfo(first_contact, root.body.generation, root.body.updated)
+        self.root_bytes = root.data  # the stored root this object reflects (open and commit)
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened with a read grant: no master key, no ID key, no commits."""
+        return self._master is None
+
+    @property
+    def facts(self) -> ArchiveFacts:
+        """The facts of the root this object reflects."""
+        return AuthenticatedRoot(
+            self.root_bytes,
+            self.header,
+            self.body,
+            self.sealer.keys,
+            self._master,
+            self.fingerprint,
+        ).facts()
 
     # -- creating and opening -------------------------------------------------------------
 
@@ -104,7 +253,9 @@ class Repository:
         else:
             header = RootHeader(archive_id, SUITE_NONE, None, clear_key=master.hex())
         body = RootBody(0, utc_now(), chunk_size, DEFAULT_FANOUT, compression_level)
-        repo = cls(store, header, body, master, state)
+        keys = Keys.from_master(header.suite, master)
+        root = AuthenticatedRoot(b"", header, body, keys, master, key_fingerprint(master))
+        repo = cls(store, root, state)
         store.create()
         repo.commit()
         return repo
@@ -117,59 +268,83 @@ class Repository:
         state: LocalState,
         *,
         reuse: Repository | None = None,
+        allow_unencrypted: bool = False,
+        announce: Announce | None = None,
+        load_indexes: bool = True,
     ) -> Repository:
         """Open and authenticate the archive; raise on rollback, bad passphrase or damage.
 
-        `reuse`, an earlier opening of the same store, saves work that still fits the root read
-        now: its master key when the header wraps it identically (same wrapped bytes and KDF, so
-        unwrapping would give the same key), and its index when the whole root is byte-identical.
-        Every check below still runs on the root read now.
+        Order: read the root (to learn the archive ID), recall this machine's memory of that ID,
+        authenticate the root; if it is older than the memory, read the root once more (a
+        writer may have committed between our read and our recall) and judge that one, which
+        was read after the memory. First contact with (ID, key) is announced; the generation is
+        remembered. `reuse`, an earlier opening of the same store, saves the KDF when the header
+        wraps the key identically, and the index when the root is byte-identical.
         """
-        data = store.get_root(MAX_ROOT)
-        if data is None:
-            raise NotFoundError(f"no qbhub archive at {store.url} (run `qbhub init` first)")
-        raw_header, header, sealed = split_root(data)
-        archive_id = bytes.fromhex(header.archive_id)
-        if reuse is not None and reuse.header == header:
-            master = reuse.master_key
-        elif header.suite == SUITE_AES:
-            if not header.wrapped_key or not header.kdf:
-                raise IntegrityError("the archive root lacks its wrapped key")
-            master = unwrap_key(
-                bytes.fromhex(header.wrapped_key), passphrase(), header.kdf, archive_id
+        data = read_root(store)
+        header = split_root(data)[1]
+        refuse_unencrypted(header, allow_unencrypted)
+        archive_id = header.archive_id
+        known_all = state.recall_all(archive_id)
+        known_key = (reuse.header, reuse._master) if reuse and reuse._master else None
+
+        def auth(raw: bytes) -> AuthenticatedRoot:
+            return authenticate(
+                raw, passphrase, allow_unencrypted=allow_unencrypted, known_key=known_key
             )
-        elif header.suite == SUITE_NONE:
-            if not header.clear_key:
-                raise IntegrityError("the unencrypted archive root lacks its key")
-            master = bytes.fromhex(header.clear_key)
-            if len(master) != MASTER_KEY_BYTES:
-                raise IntegrityError("the archive key has the wrong length")
-        else:
-            raise IntegrityError(f"unknown encryption suite {header.suite!r}")
-        body = open_body(raw_header, sealed, Sealer(Keys.from_master(header.suite, master)))
-        if not (MIN_CHUNK_SIZE <= body.chunk_size <= MAX_CHUNK_SIZE and 2 <= body.fanout <= 65535):
-            raise IntegrityError("the archive root holds impossible chunk or fan-out sizes")
-        identity = archive_identity(header.suite, master)
-        known = state.recall(header.archive_id)
-        if known is not None and known.identity and known.identity != identity:
-            raise IntegrityError(
-                f"archive {header.archive_id} is not the one this machine knows by that ID: its "
-                "key or encryption changed (a substituted archive?); refusing it"
-            )
-        if known is not None and body.generation < known.generation:
-            seen = datetime.fromtimestamp(known.seen_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
-            raise RollbackError(
-                f"archive rollback detected: the root is generation {body.generation}, "
-                f"but generation {known.generation} was seen here on {seen}"
-            )
-        repo = cls(store, header, body, master, state, first_contact=known is None)
-        repo.root_bytes = data
-        if reuse is not None and reuse.root_bytes == data:
+
+        root = auth(data)
+        known = known_all.get(root.fingerprint)
+        if known is not None and root.body.generation < known.generation:
+            again = read_root(store)
+            if again != data:
+                root = auth(again)
+                if root.header.archive_id != archive_id:
+                    raise IntegrityError("the archive changed its ID while being opened")
+                known = known_all.get(root.fingerprint)
+        facts = root.facts()
+        check_same_key(known_all, facts)
+        if known is None and announce is not None:
+            announce(facts)
+        check_rollback(known, facts)
+        repo = cls(store, root, state, first_contact=known is None)
+        if reuse is not None and reuse.root_bytes == root.data:
             repo.index = reuse.index
-        else:
+        elif load_indexes:
             repo._load_indexes()
-        state.remember(header.archive_id, body.generation, identity)
+        state.remember(archive_id, facts.fingerprint, facts.generation)
         return repo
+
+    @classmethod
+    def open_granted(cls, store: Store, grant: dict[str, str]) -> Repository:
+        """Open the archive with a read grant's keys (in a restore worker): no KDF, no passphrase,
+        no rollback memory, no writes. IntegrityError unless the root authenticates under them."""
+        archive_id, suite, key = parse_grant(grant)
+        data = read_root(store)
+        raw_header, header, sealed = split_root(data)
+        if header.archive_id != archive_id or header.suite != suite:
+            raise IntegrityError(
+                f"the read grant is for archive {archive_id}, not for archive {header.archive_id}"
+            )
+        keys = Keys.for_reading(suite, key)
+        body = open_body(raw_header, sealed, Sealer(keys))
+        check_geometry(body)
+        repo = cls(store, AuthenticatedRoot(data, header, body, keys, None, ""), None)
+        repo._load_indexes()
+        return repo
+
+    def read_grant(self) -> dict[str, str]:
+        """The secret a restore worker needs to read this archive: the archive ID, the suite and
+        the sealing key (opens blobs, pack trailers and the root body). Not the passphrase, not
+        the master key or its wrapping, not the ID key."""
+        if self.read_only:
+            raise UsageError("a read grant can't be passed on")
+        return {
+            "format": GRANT_FORMAT,
+            "archive_id": self.header.archive_id,
+            "suite": self.header.suite,
+            "encryption_key": self.sealer.keys.encryption_key.hex(),
+        }
 
     def _load_indexes(self) -> None:
         for name, raw_length in self.body.indexes:
@@ -226,26 +401,22 @@ class Repository:
 
     def commit(self) -> None:
         """Write the root with the next generation; the only mutation of the archive."""
+        if self.read_only or self.state is None:
+            raise UsageError("this archive was opened with a read grant: it can only be read")
         self.body.generation += 1
         self.body.updated = utc_now()
         root = encode_root(self.header, self.body, self.sealer)
         self.store.put_root(root)
         self.root_bytes = root
-        self.state.remember(
-            self.header.archive_id,
-            self.body.generation,
-            archive_identity(self.header.suite, self._master),
-        )
+        self.state.remember(self.header.archive_id, self.fingerprint, self.body.generation)
         self.info.generation = self.body.generation
-
-    @property
-    def master_key(self) -> bytes:
-        return self._master
 
     def rewrap(self, new_passphrase: bytes) -> None:
         """Wrap the same master key under `new_passphrase` (encrypted archives only)."""
         if self.header.suite != SUITE_AES or self.header.wrapped_key is None or not self.header.kdf:
             raise StoreError("this archive is not encrypted: it has no passphrase to change")
+        if self._master is None:
+            raise UsageError("this archive was opened with a read grant: it can only be read")
         kdf, wrapped = wrap_key(self._master, new_passphrase, bytes.fromhex(self.header.archive_id))
         self.header.kdf = kdf
         self.header.wrapped_key = wrapped.hex()

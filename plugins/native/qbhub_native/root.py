@@ -16,12 +16,13 @@ from typing import Any
 from qubes_backup_hub.errors import IntegrityError
 
 from . import FORMAT_VERSION
-from .crypto import Sealer
+from .crypto import Sealer, check_kdf
 
 ROOT_MAGIC = b"QBHUB-ROOT\n"
 ROOT_AAD_PREFIX = b"qbhub-root-v1"
 WRAPPED_KEY_HEX = 2 * (12 + 64 + 16)  # nonce, master key, tag
 SUPPORTED_FORMATS = (1,)
+MAX_GENERATION = 1 << 53  # JSON-safe; a root claiming more is malformed
 
 
 @dataclass
@@ -136,6 +137,7 @@ def _check_header_types(header: RootHeader) -> None:
         and all(isinstance(kdf.get(k), int) and not isinstance(kdf.get(k), bool) for k in "nrp")
     ):
         raise IntegrityError("the archive root holds malformed key-derivation parameters")
+    check_kdf(kdf)  # KdfParametersError: bounded before anything could be authenticated
     _hex_field(kdf, "salt", 32)
 
 
@@ -177,4 +179,6 @@ def open_body(raw_header: bytes, sealed: bytes, sealer: Sealer) -> RootBody:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"the archive root body is malformed ({exc})") from None
+    if not 0 <= body.generation <= MAX_GENERATION:
+        raise IntegrityError(f"the archive root claims generation {body.generation}")
     return body
