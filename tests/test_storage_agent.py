@@ -13,7 +13,7 @@ import pytest
 
 AGENT = Path(__file__).resolve().parent.parent / "qubes_backup_hub" / "agent" / "storage.py"
 HEADER = struct.Struct(">BI")
-PUT, GET, RANGE, LIST, DELETE, ROOT_GET, ROOT_PUT, CREATE, LOCK, EXISTS = range(1, 11)
+PUT, GET, RANGE, LIST, DELETE, ROOT_GET, ROOT_PUT, CREATE, LOCK, EXISTS, CLEAN = range(1, 12)
 
 
 class Agent:
@@ -120,10 +120,42 @@ def test_second_writer_is_refused(tmp_path: Path) -> None:
         second.close()
 
 
-def test_garbage_request_ends_the_agent_cleanly(tmp_path: Path) -> None:
+def test_unknown_operation_gets_an_error_reply_and_the_agent_goes_on(tmp_path: Path) -> None:
     agent = Agent(tmp_path / "base")
-    assert agent.proc.stdin
-    agent.proc.stdin.write(HEADER.pack(200, 5) + b"hello")
+    assert agent.call(200, b"hello")[0] == 1
+    assert agent.call(EXISTS) == (0, b"0")
+    assert agent.close() == 0
+
+
+def test_oversized_request_gets_an_error_reply_then_the_agent_ends(tmp_path: Path) -> None:
+    agent = Agent(tmp_path / "base")
+    assert agent.proc.stdin and agent.proc.stdout and agent.proc.stderr
+    agent.proc.stdin.write(HEADER.pack(PUT, 0xFFFFFFFF) + b"hello")
+    agent.proc.stdin.flush()
+    status, length = HEADER.unpack(agent.proc.stdout.read(HEADER.size))
+    assert status == 1 and b"larger than allowed" in agent.proc.stdout.read(length)
     agent.proc.stdin.close()
     assert agent.proc.wait(timeout=10) == 1
-    assert agent.proc.stderr and b"Traceback" not in agent.proc.stderr.read()
+    assert b"Traceback" not in agent.proc.stderr.read()
+
+
+@pytest.mark.parametrize(
+    ("op", "payload"),
+    [(PUT, b"pabc\nhello"), (DELETE, b"pabc"), (ROOT_PUT, b"root"), (CLEAN, b"")],
+)
+def test_mutations_need_the_lock(tmp_path: Path, op: int, payload: bytes) -> None:
+    writer = Agent(tmp_path / "base")
+    try:
+        assert writer.call(CREATE) == (0, b"")  # CREATE takes the lock for its session
+        assert writer.call(PUT, b"pabc\nhello") == (0, b"")
+        other = Agent(tmp_path / "base")
+        try:
+            status, message = other.call(op, payload)
+            assert status == 1 and b"needs the archive lock" in message
+        finally:
+            other.close()
+    finally:
+        writer.close()
+    archive = tmp_path / "base" / "arch"
+    assert (archive / "objects" / "bc" / "pabc").read_bytes() == b"hello"
+    assert not (archive / "root").exists()

@@ -20,6 +20,9 @@ class Store(ABC):
     """One archive location."""
 
     url: str
+    # Seconds `lock()` keeps retrying a lock another command holds, when called without `wait`.
+    # The CLI sets it from --lock-wait; 0.0 (the default) fails at once, as stores always did.
+    lock_wait: float = 0.0
 
     @abstractmethod
     def exists(self) -> bool:
@@ -43,7 +46,11 @@ class Store(ABC):
 
     @abstractmethod
     def list(self) -> Iterator[tuple[str, int]]:
-        """Yield (name, size) of every object (not the root)."""
+        """Yield (name, size) of every object (not the root).
+
+        Stream it: archives hold millions of objects, so don't build the whole listing first.
+        Anything in the location that is not an object (stray files, debris) is skipped.
+        """
 
     @abstractmethod
     def delete(self, name: str) -> None:
@@ -59,7 +66,14 @@ class Store(ABC):
 
     @abstractmethod
     def lock(self) -> AbstractContextManager[None]:
-        """Hold the archive for one writer; raise StoreError at once if another holds it."""
+        """Hold the archive for one writer; raise StoreError if another holds it.
+
+        If another writer holds it, keep retrying for `self.lock_wait` seconds (0: give up at
+        once), then raise StoreError saying the archive is locked by another qbhub command and
+        how long this one waited. The built-in stores also take `lock(*, wait=SECONDS)`, which
+        overrides `lock_wait` for one call; it is not part of this abstract signature so that
+        stores written before it keep type-checking (they simply never wait).
+        """
 
     def remove_partial_uploads(self) -> int:
         """Delete debris of interrupted writes (never visible objects); return how many.
