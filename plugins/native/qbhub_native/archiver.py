@@ -2,6 +2,11 @@
 
 Crash safety: packs and the index object are written before the root, so a crash leaves the old
 root intact and at most unreferenced packs, which the next session adopts (`reuse_orphan_packs`).
+
+Loss: one listing of the store at the start tells which indexed packs are gone or resized
+(`exclude_lost_packs`). Their blobs are stored again when met; every volume is then scanned whole
+(an incremental would reuse tree pages whose chunks may be lost), and the session's index object
+goes first in the root, so the new locations win over the lost ones.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from datetime import UTC, datetime
 import pluggy
 
 from qubes_backup_hub.engine import VolumeSource
-from qubes_backup_hub.errors import UsageError
+from qubes_backup_hub.errors import QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
 from .backup import VolumeBackup
@@ -35,12 +40,19 @@ def new_session_id(repo: Repository) -> str:
 
 
 def previous_volumes(repo: Repository, names: set[str]) -> dict[str, tuple[str, VolumeRecord]]:
-    """For each name, (session ID, record) in the newest session holding it."""
+    """For each name, (session ID, record) in the newest session holding it.
+
+    Sessions whose record can't be read are skipped: a volume without a base is scanned whole.
+    """
     found: dict[str, tuple[str, VolumeRecord]] = {}
     for ref in reversed(repo.body.sessions):
         if len(found) == len(names):
             break
-        for volume in repo.session_record(ref).volumes:
+        try:
+            volumes = repo.session_record(ref).volumes
+        except QbhubError:
+            continue
+        for volume in volumes:
             if volume.name in names and volume.name not in found:
                 found[volume.name] = (ref.session_id, volume)
     return found
@@ -61,10 +73,12 @@ def run_session(
         raise UsageError("the same volume name is given twice")
     started = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     session_id = new_session_id(repo)
-    previous = previous_volumes(repo, set(names))
     repo.store.remove_partial_uploads()  # we hold the lock: no other writer is mid-upload
+    listing = dict(repo.store.list())
     writer = BlobWriter(repo)
-    writer.reuse_orphan_packs(repo.index.packs())
+    lost = writer.exclude_lost_packs(listing)
+    previous = {} if lost else previous_volumes(repo, set(names))
+    writer.reuse_orphan_packs(repo.index.packs(), listing)
     # Reads release the GIL, and a full scan is bound by the disk: enough threads to keep several
     # direct reads in flight (measured: 8 threads read 2 GiB 25-30% faster than 4 on 2 cores).
     workers = workers or 2 * (os.cpu_count() or 2) + 4
@@ -94,7 +108,9 @@ def run_session(
         writer.close()
         index = writer.write_index()
         repo.body.sessions.append(SessionRef(session_id, record_id, len(raw), record.finished))
-        if index is not None:
+        if index is not None and writer.blobs_restored:
+            repo.body.indexes.insert(0, index)  # its locations replace lost ones
+        elif index is not None:
             repo.body.indexes.append(index)
         repo.commit()
         committed = True

@@ -82,6 +82,20 @@ class Index:
         for pos in range(0, len(records), ENTRY.size):
             known.setdefault(records[pos + _ID_START : pos + _ID_END], base | pos)
 
+    def tables(self) -> list[PackTable]:
+        """The pack tables in the order they were added (first ones win for repeated IDs)."""
+        return list(self._tables)
+
+    def blob_ends(self) -> dict[str, int]:
+        """For every pack, where its last indexed blob ends (entries are stored by offset)."""
+        ends: dict[str, int] = {}
+        for table in self._tables:
+            if table.records:
+                last = len(table.records) - ENTRY.size
+                _, _, offset, length, _ = ENTRY.unpack_from(table.records, last)
+                ends[table.pack] = max(ends.get(table.pack, 0), offset + length)
+        return ends
+
     def packs(self) -> set[str]:
         """Every pack the index lists (also packs whose blobs are all found elsewhere first)."""
         return {t.pack for t in self._tables}

@@ -126,6 +126,23 @@ def trailer_location(pack_size: int, footer: bytes, name: str) -> tuple[int, int
     return pack_size - FOOTER.size - length, length
 
 
+def read_trailer(sealer: Sealer, data: bytes | memoryview, name: str) -> list[PackEntry]:
+    """Locate, authenticate and decode the trailer of a whole pack held in memory."""
+    offset, length = trailer_location(len(data), bytes(data[-FOOTER.size :]), name)
+    return parse_trailer(sealer, bytes(data[offset : offset + length]), name, len(data))
+
+
+def plausible_size(size: int, blobs_end: int, overhead: int) -> bool:
+    """True if a stored pack of `size` bytes can hold blobs up to `blobs_end`, as written.
+
+    Every pack the writer makes is padded to a multiple of PAD_TO, holds at least an empty
+    sealed trailer and the footer after its blobs, and stays within MAX_PACK: a size that breaks
+    any of these means the pack was truncated, extended or replaced.
+    """
+    least = blobs_end + overhead + len(TRAILER_MAGIC) + 4 + FOOTER.size
+    return least <= size <= MAX_PACK and size % PAD_TO == 0
+
+
 def parse_trailer(sealer: Sealer, sealed: bytes, name: str, pack_size: int) -> list[PackEntry]:
     """Authenticate and decode a pack trailer; every entry must lie inside the pack's blob area."""
     body = sealer.open(TRAILER_AAD, sealed, f"trailer of pack {name}")

@@ -3,6 +3,11 @@
 A BlobWriter belongs to one writing operation (a backup session or a prune). It never adds a blob
 the archive already holds, keeps the entries of the packs it wrote (the new index object), and
 uploads finished packs on a background thread so sealing and uploading overlap.
+
+Storage may lose what it holds. `exclude_lost_packs` compares the index with one listing of the
+store: a blob whose pack is gone or has an impossible size no longer counts as held, so it is
+stored again (and counted in `blobs_restored`). `reuse_orphan_packs` adopts packs an interrupted
+run left behind only blob by blob, each one authenticated as a read would.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from qubes_backup_hub.store.base import Bytes
 
 from .blob import BlobType
 from .index import Index, encode_index
+from .limits import MAX_PACK
 from .pack import (
     DEFAULT_PACK_TARGET,
-    FOOTER,
     PackBuilder,
     PackEntry,
-    parse_trailer,
-    trailer_location,
+    pack_name,
+    plausible_size,
+    read_trailer,
 )
 from .repository import Repository
 
@@ -48,16 +54,46 @@ class BlobWriter:
         self.uploads: deque[Future[None]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbhub-upload")
         self.bytes_written = 0
-        self.packs_reused = 0
+        self.packs_reused = 0  # orphan packs adopted in place
+        self.packs_salvaged = 0  # damaged orphan packs whose authentic blobs were copied
+        self.orphan_blobs_rejected = 0  # orphan blobs that failed authentication
+        self.lost_packs: frozenset[str] = frozenset()
+        self.blobs_restored = 0  # blobs stored again because their pack was lost
+        self.chunks_restored = 0  # ... of which DATA blobs
 
     def known(self, blob_id: bytes) -> bool:
-        """True if the archive, this writer's packs, or the open pack already hold `blob_id`."""
-        return blob_id in self.known_index or blob_id in self.new_index or blob_id in self.pending
+        """True if the archive, this writer's packs, or the open pack hold `blob_id`.
+
+        A blob the index places in a lost pack (see `exclude_lost_packs`) is not held.
+        """
+        if blob_id in self.new_index or blob_id in self.pending:
+            return True
+        if not self.lost_packs:
+            return blob_id in self.known_index
+        location = self.known_index.get(blob_id)
+        return location is not None and location.pack not in self.lost_packs
+
+    def exclude_lost_packs(self, listing: dict[str, int]) -> frozenset[str]:
+        """Stop counting blobs of packs that `listing` (name -> size) lacks or sizes wrongly.
+
+        Returns the lost packs. Blobs in them are stored again when a session meets them, so
+        nothing new is built on what storage lost.
+        """
+        overhead = self.repo.sealer.overhead
+        self.lost_packs = frozenset(
+            name
+            for name, end in self.known_index.blob_ends().items()
+            if name not in listing or not plausible_size(listing[name], end, overhead)
+        )
+        return self.lost_packs
 
     def add_sealed(self, type_code: int, blob_id: bytes, sealed: Bytes, raw_length: int) -> bool:
         """Add an already sealed blob; return False (and store nothing) if it is known."""
         if self.known(blob_id):
             return False
+        if self.lost_packs and blob_id in self.known_index:
+            self.blobs_restored += 1
+            self.chunks_restored += type_code == BlobType.DATA
         if not self.builder.fits(len(sealed)):
             self.flush()
         self.builder.add(type_code, blob_id, sealed, raw_length)
@@ -95,28 +131,53 @@ class BlobWriter:
             data.release()
             self.builder.recycle(buffer)
 
-    def reuse_orphan_packs(self, referenced: set[str]) -> int:
-        """Adopt packs a crashed run uploaded but never committed; return how many.
+    def reuse_orphan_packs(
+        self, referenced: set[str], listing: dict[str, int] | None = None
+    ) -> int:
+        """Adopt packs a crashed run uploaded but never committed; return how many in place.
 
-        Each orphan's trailer is authenticated; one that fails is ignored (never trusted, never
-        deleted here). Adopted blobs count as known, so the session does not upload them again.
+        `listing` is the store's listing (name -> size), read here if not given. Each orphan is
+        read whole; its trailer is authenticated, then every blob it lists is opened (AEAD with
+        its type and ID as associated data, as reads do) and only blobs that open are reused.
+        A pack whose bytes still hash to its name is adopted in place; one that does not (damaged
+        or tampered) is left alone and its authentic blobs are copied into new packs. A pack
+        whose trailer fails is ignored (never trusted, never deleted here). Adopted blobs count
+        as known, so the session does not upload them again.
         """
-        adopted = 0
-        for name, size in list(self.repo.store.list()):
-            if not name.startswith("p") or name in referenced or name in self.new_packs:
-                continue
-            try:
-                footer = self.repo.store.get_range(name, size - FOOTER.size, FOOTER.size)
-                offset, length = trailer_location(size, footer, name)
-                sealed = self.repo.store.get_range(name, offset, length)
-                entries = parse_trailer(self.repo.sealer, sealed, name, size)
-            except (QbhubError, ValueError):
-                continue
-            self.new_packs[name] = entries
-            self.new_index.add_pack(name, entries)
-            adopted += 1
-        self.packs_reused = adopted
-        return adopted
+        if listing is None:
+            listing = dict(self.repo.store.list())
+        for name in sorted(listing):
+            if name.startswith("p") and name not in referenced and name not in self.new_packs:
+                self._reuse_orphan(name)
+        return self.packs_reused
+
+    def _reuse_orphan(self, name: str) -> None:
+        try:
+            data = memoryview(self.repo.store.get(name, MAX_PACK))
+            entries = read_trailer(self.repo.sealer, data, name)
+        except (QbhubError, ValueError):
+            return
+        authentic = [e for e in entries if self._authentic(e, data)]
+        self.orphan_blobs_rejected += len(entries) - len(authentic)
+        if pack_name(data) == name:
+            if authentic:
+                self.new_packs[name] = authentic
+                self.new_index.add_pack(name, authentic)
+                self.packs_reused += 1
+            return
+        for e in authentic:
+            self.add_sealed(e.type_code, e.blob_id, bytes(data[e.offset : e.offset + e.length]),
+                            e.raw_length)  # fmt: skip
+        self.packs_salvaged += 1
+
+    def _authentic(self, entry: PackEntry, data: memoryview) -> bool:
+        """True if the blob `entry` locates in `data` opens under its type and ID."""
+        sealed = data[entry.offset : entry.offset + entry.length]
+        try:
+            self.repo.codec.decode(entry.type_code, entry.blob_id, sealed, entry.raw_length)
+        except (QbhubError, ValueError):
+            return False
+        return True
 
     def close(self) -> None:
         """Flush and wait for every upload; re-raise the first upload error."""
@@ -142,9 +203,21 @@ class BlobWriter:
         return None
 
     def merge_into_repo(self) -> None:
-        """After commit: make this writer's blobs part of the repository's index."""
+        """After commit: make this writer's blobs part of the repository's index.
+
+        When blobs were stored again (their pack was lost), this writer's locations come first,
+        as its index object comes first in the root.
+        """
+        if not self.blobs_restored:
+            for name, entries in self.new_packs.items():
+                self.repo.index.add_pack(name, entries)
+            return
+        merged = Index()
         for name, entries in self.new_packs.items():
-            self.repo.index.add_pack(name, entries)
+            merged.add_pack(name, entries)
+        for table in self.repo.index.tables():
+            merged.add_table(table)
+        self.repo.index = merged
 
 
 def store_index(repo: Repository, packs: dict[str, list[PackEntry]]) -> tuple[str, int, int] | None:
