@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ..errors import IntegrityError
 from ..safety.names import check_session_id
 from . import format as fmt
 from .context import archive_options, cli_state
@@ -64,10 +66,43 @@ def list_cmd(
 def verify(
     dest: str, engine: str, passphrase_file: Path | None, json_output: bool, quick: bool
 ) -> None:
-    """Authenticate the archive: by default every chunk of every session is read and re-hashed."""
+    """Authenticate the archive: by default every chunk of every session is read and re-hashed.
+
+    Every damaged object is reported with the sessions and volumes it affects; then the command
+    exits 3 with a one-line summary on stderr.
+    """
     state = cli_state(json_output)
     eng = state.engine(engine, passphrase_file)
-    state.emit(eng.verify(state.store(dest), quick=quick), fmt.verify_text)
+    result = eng.verify(state.store(dest), quick=quick)
+    damaged = result.get("damaged_count") or len(result.get("damaged") or [])
+    state.emit(result, damage_text if damaged else fmt.verify_text)
+    if damaged:
+        raise IntegrityError(damage_summary(result))
+
+
+def damage_text(r: dict[str, Any]) -> str:
+    """The human listing of a verify that found damage: one object per line, then the rest."""
+    lines = [f"Archive DAMAGED ({r['mode']} verify): {r.get('damaged_count', 0)} damaged objects"]
+    for d in r.get("damaged") or []:
+        where = ", ".join(d["sessions"]) or "no session"
+        volumes = f" (volumes {', '.join(d['volumes'])})" if d["volumes"] else ""
+        lines.append(f"  {d['object']} {d['problem']}; affects {where}{volumes}")
+    more = r.get("damaged_unlisted")
+    if more:
+        lines.append(
+            f"  ... and {more['count']} more, affecting sessions {', '.join(more['sessions'])}"
+        )
+    return "\n".join(lines)
+
+
+def damage_summary(r: dict[str, Any]) -> str:
+    """One line: how many objects are damaged and which sessions they affect."""
+    sessions: list[str] = []
+    for d in [*(r.get("damaged") or []), r.get("damaged_unlisted") or {}]:
+        sessions += [s for s in d.get("sessions", []) if s not in sessions]
+    affected = f"sessions affected: {', '.join(sessions)}" if sessions else "no session affected"
+    count = r.get("damaged_count") or len(r.get("damaged") or [])
+    return f"verify found {count} damaged object(s); {affected}"
 
 
 @click.command()

@@ -1,0 +1,184 @@
+"""`verify` reports every damaged object and what it affects, and goes on past the first one.
+
+An archive of three sessions (1: alpha and beta; 2: alpha changed; 3: alpha again) is damaged in
+four places at once: a pack deleted, a tree page and a session record flipped, a chunk flipped.
+Full and quick verify list each problem with the sessions and volumes that reference it, print
+the listing on stdout, and exit 3 with one summary line on stderr.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSPHRASE, Qbhub, rewrite_blocks, write_image
+from qbhub_native.repository import Repository
+from qbhub_native.verify import DamageReport, TolerantRepository, verify_archive
+
+from qubes_backup_hub.progress import Progress
+from qubes_backup_hub.safety.rollback import LocalState
+from qubes_backup_hub.store.local import LocalDirStore
+
+CHANGED = [10, 11, 12]
+
+
+@dataclass
+class Damaged:
+    """The damaged archive and what was damaged."""
+
+    archive: Path
+    sessions: list[str]
+    lost_pack: str  # deleted; holds alpha's chunk 0 (unchanged since session 1)
+    beta_page: str  # flipped: beta's only tree page (session 1)
+    record: str  # flipped: session 2's record
+    chunk: str  # flipped: alpha's chunk 10 as sessions 2 and 3 hold it
+    chunk_pack: str
+
+
+def object_path(archive: Path, name: str) -> Path:
+    return archive / "objects" / name[-2:] / name
+
+
+def flip_blob(archive: Path, repo: Repository, blob_id: bytes) -> str:
+    """Flip a byte in the middle of a blob; return its pack's name."""
+    loc = repo.index.get(blob_id)
+    assert loc is not None
+    path = object_path(archive, loc.pack)
+    data = bytearray(path.read_bytes())
+    data[loc.offset + loc.length // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return loc.pack
+
+
+def open_repo(archive: Path, state: Path) -> Repository:
+    return Repository.open(LocalDirStore(archive), lambda: PASSPHRASE.encode(), LocalState(state))
+
+
+def first_leaf(repo: Repository, session: int, volume: str) -> bytes:
+    record = repo.session_record(repo.body.sessions[session])
+    found = record.volume(volume)
+    assert found is not None and found.geometry.height == 0
+    return found.tree_id
+
+
+@pytest.fixture
+def damaged(tmp_path: Path, qbhub: Qbhub) -> Damaged:
+    archive = tmp_path / "archive"
+    alpha = write_image(tmp_path / "alpha.img", 100, seed=1, zero_fraction=0.0)
+    beta = write_image(tmp_path / "beta.img", 40, seed=2, zero_fraction=0.0)
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{alpha}=alpha", f"{beta}=beta")
+    rewrite_blocks(alpha, CHANGED)
+    qbhub.run("volume", "backup", "--dest", archive, f"{alpha}=alpha")
+    qbhub.run("volume", "backup", "--dest", archive, f"{alpha}=alpha")
+
+    repo = open_repo(archive, tmp_path / "state")
+    sessions = [ref.session_id for ref in repo.body.sessions]
+    alpha_leaf_1 = repo.load_page(first_leaf(repo, 0, "alpha"), 0, 100)
+    alpha_leaf_3 = repo.load_page(first_leaf(repo, 2, "alpha"), 0, 100)
+    chunk0, chunk10 = alpha_leaf_1[:32], alpha_leaf_3[10 * 32 : 11 * 32]
+    loc0 = repo.index.get(chunk0)
+    assert loc0 is not None
+    beta_page = first_leaf(repo, 0, "beta")
+    record = repo.body.sessions[1].record
+    touched = {flip_blob(archive, repo, b) for b in (beta_page, record)}
+    chunk_pack = flip_blob(archive, repo, chunk10)
+    assert loc0.pack not in touched | {chunk_pack}, "the test needs these in other packs"
+    object_path(archive, loc0.pack).unlink()
+    return Damaged(
+        archive, sessions, loc0.pack, beta_page.hex(), sessions[1], chunk10.hex(), chunk_pack
+    )
+
+
+def entry(result: dict[str, Any], text: str) -> dict[str, Any]:
+    """The one damaged entry naming `text` (a pack: exactly; anything else: within its name)."""
+    exact = text.startswith("pack ")
+    found = [
+        d for d in result["damaged"] if (d["object"] == text if exact else text in d["object"])
+    ]
+    assert len(found) == 1, (text, result["damaged"])
+    return found[0]
+
+
+def run_verify(qbhub: Qbhub, archive: Path, *extra: str) -> dict[str, Any]:
+    result = qbhub.run("verify", "--dest", archive, "--json", *extra, check=False)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qbhub: error: verify found"), result.stderr
+    assert "Traceback" not in result.stderr
+    report: dict[str, Any] = result.json
+    return report
+
+
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_verify_lists_every_damaged_object_with_what_it_affects(
+    damaged: Damaged, qbhub: Qbhub, mode: str
+) -> None:
+    s1, s2, s3 = damaged.sessions
+    result = run_verify(qbhub, damaged.archive, *(["--quick"] if mode == "quick" else []))
+    assert result["mode"] == mode
+
+    lost = entry(result, f"pack {damaged.lost_pack}")
+    assert "missing" in lost["problem"]
+    assert lost["sessions"] == [s1, s3] and lost["volumes"] == ["alpha"]
+    page = entry(result, damaged.beta_page)
+    assert page["sessions"] == [s1] and page["volumes"] == ["beta"]
+    record = entry(result, f"session record {s2}")
+    assert record["sessions"] == [s2] and record["volumes"] == []
+    if mode == "full":
+        chunk = entry(result, damaged.chunk)
+        assert chunk["sessions"] == [s3] and chunk["volumes"] == ["alpha"]
+        pack = entry(result, f"pack {damaged.chunk_pack}")
+        assert "hash" in pack["problem"]
+        assert result["damaged_count"] == len(result["damaged"]) >= 5
+    else:
+        assert not any(damaged.chunk in d["object"] for d in result["damaged"])
+        assert result["damaged_count"] == len(result["damaged"]) == 3
+
+
+def test_verify_text_lists_damage_and_exits_3(damaged: Damaged, qbhub: Qbhub) -> None:
+    result = qbhub.run("verify", "--dest", damaged.archive, check=False)
+    assert result.returncode == 3
+    assert damaged.lost_pack in result.stdout and "DAMAGED" in result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_clean_archive_verifies_with_an_empty_report(tmp_path: Path, qbhub: Qbhub) -> None:
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "a.img", 20, seed=3)
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=a")
+    for extra in ([], ["--quick"]):
+        result = qbhub.json("verify", "--dest", archive, *extra)
+        assert result["damaged"] == [] and result["damaged_count"] == 0
+
+
+def test_bad_index_object_is_reported_with_what_lacks_it(damaged: Damaged, tmp_path: Path) -> None:
+    """A damaged index object: the tolerant opening records it; verify maps it to sessions."""
+    repo = open_repo(damaged.archive, tmp_path / "state2")
+    newest_index = repo.body.indexes[-1][0]
+    path = object_path(damaged.archive, newest_index)
+    data = bytearray(path.read_bytes())
+    data[40] ^= 1
+    path.write_bytes(bytes(data))
+    tolerant = TolerantRepository.open(
+        LocalDirStore(damaged.archive), lambda: PASSPHRASE.encode(), LocalState(tmp_path / "s3")
+    )
+    result = verify_archive(tolerant, quick=True, progress=Progress(io.StringIO(), enabled=False))
+    index = entry(result, f"index object {newest_index}")
+    assert damaged.sessions[2] in index["sessions"] or index["sessions"] == [], index
+
+
+def test_report_is_bounded() -> None:
+    report = DamageReport(limit=3)
+    numbers = [report.add(k, f"object {k}", "bad") for k in range(10)]
+    for k, number in enumerate(numbers):
+        report.attach(number, f"s{k}", "v")
+    assert report.add(0, "object 0", "bad") == numbers[0]
+    out = report.result({})
+    assert len(out["damaged"]) == 3 and out["damaged_count"] == 10  # type: ignore[arg-type]
+    assert out["damaged_unlisted"]["count"] == 7  # type: ignore[index]
+    assert len(out["damaged_unlisted"]["sessions"]) == 7  # type: ignore[index]
