@@ -2,13 +2,21 @@
 
 The extractor runs as `python -I tools/qbhub-extract` with an empty PYTHONPATH, and its source
 must not import qbhub: it has to work with only Python, cryptography, zstandard and blake3.
+Every run names the archive it opened on stderr (one `qbhub-extract: archive ...` line); it refuses
+unencrypted archives without --allow-unencrypted, absurd scrypt parameters, and archive files that
+are not regular files; it reads index objects with and without padding.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import resource
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,17 +44,33 @@ def extract(
     )
 
 
+FACTS_LINE = re.compile(
+    r"qbhub-extract: archive (?P<id>[0-9a-f]{32})(?P<plain> \(UNENCRYPTED\))?: key fingerprint "
+    r"(?P<fingerprint>[0-9a-f]{32}), generation (?P<generation>[0-9]+), newest session "
+    r"(?P<newest>.+)"
+)
+
+
+def facts(proc: subprocess.CompletedProcess[bytes]) -> re.Match[str] | None:
+    """The archive line the run printed on stderr (first line), if any."""
+    lines = proc.stderr.decode().splitlines()
+    return FACTS_LINE.fullmatch(lines[0]) if lines else None
+
+
 def ok(proc: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
-    """Assert the extractor succeeded silently on stderr."""
+    """Assert the extractor succeeded with nothing on stderr but the archive line."""
     assert proc.returncode == 0, proc.stderr.decode()
-    assert proc.stderr == b""
+    assert facts(proc) is not None and proc.stderr.decode().count("\n") == 1, proc.stderr
     return proc
 
 
 def one_error_line(proc: subprocess.CompletedProcess[bytes], code: int) -> str:
-    """Assert the run failed with `code` and exactly one `qbhub-extract: error:` line."""
+    """Assert the run failed with `code` and exactly one `qbhub-extract: error:` line (after
+    the archive line, when the root was authenticated before the failure)."""
     err = proc.stderr.decode()
     assert proc.returncode == code, err
+    if facts(proc) is not None:
+        err = err.split("\n", 1)[1]
     assert err.startswith("qbhub-extract: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     return err
@@ -138,14 +162,21 @@ def test_odd_sizes(
     assert out.read_bytes() == image.read_bytes()
 
 
-def test_encryption_off_needs_no_passphrase(tmp_path: Path, qbhub: Qbhub, image_factory) -> None:
+def test_encryption_off_needs_no_passphrase_but_the_opt_in(
+    tmp_path: Path, qbhub: Qbhub, image_factory
+) -> None:
     archive = tmp_path / "clear"
     qbhub.run("init", "--dest", archive, "--encryption", "off", "--chunk-size", "16384")
     image = image_factory(blocks=30, seed=8, tail=b"tail")
-    backup(qbhub, archive, f"{image}=clear")
+    backup(qbhub, archive, "--allow-unencrypted", f"{image}=clear")
     out = tmp_path / "clear.out"
-    ok(extract(archive, "clear", out, passphrase=None))
+    err = one_error_line(extract(archive, "clear", out, passphrase=None), 3)
+    assert "unencrypted" in err and "--allow-unencrypted" in err
+    assert not out.exists()
+    proc = ok(extract(archive, "clear", out, "--allow-unencrypted", passphrase=None))
     assert out.read_bytes() == image.read_bytes()
+    line = facts(proc)
+    assert line is not None and line["plain"]
 
 
 def test_wrong_passphrase_exits_5(
@@ -191,6 +222,173 @@ def test_damage_is_detected_and_leaves_no_output(
     one_error_line(extract(archive, "disk", outdir / "disk.img"), 3)
     assert list(outdir.iterdir()) == []
     one_error_line(extract(archive, "disk", "-"), 3)
+
+
+def test_every_run_names_the_archive_it_opened(qbhub: Qbhub, archive: Path, image_factory) -> None:
+    """ID, key fingerprint (the engine's), generation and newest session time, on stderr."""
+    empty = facts(ok(extract(archive, "--list")))
+    assert empty is not None and empty["newest"] == "no session yet"
+    backup(qbhub, archive, f"{image_factory(blocks=2)}=disk")
+    listing = qbhub.json("list", "--dest", archive)
+    line = facts(ok(extract(archive, "--list")))
+    assert line is not None and not line["plain"]
+    assert line["id"] == listing["archive_id"]
+    assert line["fingerprint"] == listing["fingerprint"]
+    assert int(line["generation"]) == listing["generation"]
+    newest = listing["sessions"][-1]
+    assert line["newest"] == newest["finished"]
+
+
+def set_kdf(archive: Path, **params: int) -> None:
+    """Rewrite the root header's scrypt parameters (the body no longer authenticates; the
+    parameters must be refused before that matters)."""
+    root = (archive / "root").read_bytes()
+    magic = b"QBHUB-ROOT\n"
+    (hlen,) = struct.unpack_from("<I", root, len(magic))
+    start = len(magic) + 4
+    header = json.loads(root[start : start + hlen])
+    header["kdf"].update(params)
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    (archive / "root").write_bytes(magic + struct.pack("<I", len(raw)) + raw + root[start + hlen :])
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"n": 1 << 20, "r": 32},
+        {"n": 1 << 30},
+        {"n": 3 << 16},
+        {"p": 1 << 20},
+        {"n": 1 << 20, "p": 8},
+    ],
+    ids=["4GiB", "n-2^30", "n-not-power-of-two", "p-huge", "work"],
+)
+def test_absurd_kdf_parameters_are_refused_fast(
+    tmp_path: Path, archive: Path, params: dict[str, int]
+) -> None:
+    set_kdf(archive, **params)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.monotonic()
+    err = one_error_line(extract(archive, "disk", tmp_path / "x.img"), 3)
+    assert "scrypt" in err and time.monotonic() - start < 10
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak < 200 * 1024 or peak == before, f"peak RSS {peak >> 10} MiB"
+
+
+@pytest.mark.parametrize("what", ["root", "pack"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_archive_files_must_be_regular(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory, what: str, kind: str
+) -> None:
+    """A symlink, FIFO or directory in place of an archive file: refused, never followed or
+    waited on (a FIFO nobody writes would block a plain open forever)."""
+    backup(qbhub, archive, f"{image_factory(blocks=4)}=disk")
+    path = (
+        archive / "root" if what == "root" else largest(lambda: list(archive.glob("objects/*/p*")))
+    )
+    moved = tmp_path / "moved"
+    path.rename(moved)
+    if kind == "symlink":
+        path.symlink_to(moved)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    out = tmp_path / "out.img"
+    start = time.monotonic()
+    err = one_error_line(extract(archive, "disk", out), 3)
+    assert "not a regular file" in err or "symbolic link" in err
+    assert time.monotonic() - start < 30 and not out.exists()
+
+
+def unpad_indexes(archive: Path) -> int:
+    """Rewrite every index object as writers did before padding (compressed, no padding) and
+    re-seal the root to list them; return how many had padding."""
+    from qbhub_native.blob import BlobCodec, BlobType
+    from qbhub_native.crypto import Keys, Sealer, unwrap_key
+    from qbhub_native.index import decode_index
+    from qbhub_native.root import encode_root, open_body, split_root
+
+    root = (archive / "root").read_bytes()
+    raw_header, header, sealed = split_root(root)
+    assert header.kdf is not None and header.wrapped_key is not None
+    master = unwrap_key(
+        bytes.fromhex(header.wrapped_key),
+        PASSPHRASE.encode(),
+        header.kdf,
+        bytes.fromhex(header.archive_id),
+    )
+    sealer = Sealer(Keys.from_master(header.suite, master))
+    codec = BlobCodec(sealer, 3)
+    body = open_body(raw_header, sealed, sealer)
+    padded, indexes = 0, []
+    for name, length in body.indexes:
+        path = archive / "objects" / name[-2:] / name
+        plain = codec.decode(BlobType.INDEX, bytes.fromhex(name[1:]), path.read_bytes(), length)
+        unpadded = plain[: 8 + sum(36 + len(t.records) for t in decode_index(plain))]
+        padded += len(unpadded) < len(plain)
+        new_id = sealer.blob_id(BlobType.INDEX, unpadded)
+        new_name = "i" + new_id.hex()
+        target = archive / "objects" / new_name[-2:] / new_name
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(bytes(codec.encode(BlobType.INDEX, new_id, unpadded)))
+        path.unlink()
+        indexes.append((new_name, len(unpadded)))
+    body.indexes = indexes
+    body.generation += 1
+    (archive / "root").write_bytes(encode_root(header, body, sealer))
+    return padded
+
+
+@pytest.mark.parametrize("padding", ["padded", "unpadded"])
+def test_padded_and_unpadded_indexes(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory, padding: str
+) -> None:
+    image = image_factory(blocks=40, seed=12)
+    backup(qbhub, archive, f"{image}=disk")
+    if padding == "unpadded":
+        assert unpad_indexes(archive) >= 1
+    out = tmp_path / "disk.out"
+    ok(extract(archive, "disk", out))
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_nonzero_index_padding_is_refused(
+    tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory
+) -> None:
+    """Padding is zeros only: a sealed index whose padding holds data is damage (exit 3)."""
+    from qbhub_native.blob import BlobCodec, BlobType
+    from qbhub_native.crypto import Keys, Sealer, unwrap_key
+    from qbhub_native.root import encode_root, open_body, split_root
+
+    backup(qbhub, archive, f"{image_factory(blocks=4)}=disk")
+    root = (archive / "root").read_bytes()
+    raw_header, header, sealed = split_root(root)
+    assert header.kdf is not None and header.wrapped_key is not None
+    master = unwrap_key(
+        bytes.fromhex(header.wrapped_key),
+        PASSPHRASE.encode(),
+        header.kdf,
+        bytes.fromhex(header.archive_id),
+    )
+    sealer = Sealer(Keys.from_master(header.suite, master))
+    codec = BlobCodec(sealer, 0)
+    body = open_body(raw_header, sealed, sealer)
+    name, length = body.indexes[-1]
+    path = archive / "objects" / name[-2:] / name
+    plain = codec.decode(BlobType.INDEX, bytes.fromhex(name[1:]), path.read_bytes(), length)
+    assert plain.endswith(b"\0"), "the engine no longer pads index objects?"
+    bad = plain[:-1] + b"\x01"
+    new_id = sealer.blob_id(BlobType.INDEX, bad)
+    new_name = "i" + new_id.hex()
+    (archive / "objects" / new_name[-2:]).mkdir(exist_ok=True)
+    (archive / "objects" / new_name[-2:] / new_name).write_bytes(
+        bytes(codec.encode(BlobType.INDEX, new_id, bad))
+    )
+    body.indexes[-1] = (new_name, len(bad))
+    (archive / "root").write_bytes(encode_root(header, body, sealer))
+    err = one_error_line(extract(archive, "--list"), 3)
+    assert "padding" in err
 
 
 def test_list_names_the_volumes(qbhub: Qbhub, archive: Path, image_factory) -> None:
