@@ -12,12 +12,19 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import PASSPHRASE, Qbhub, Result, write_image
+from qbhub_native.engine import NativeEngine
+from test_downgrade import make_engine, open_store
+
+from qubes_backup_hub.engine import VolumeSource
+from qubes_backup_hub.errors import IntegrityError, RollbackError, UsageError
+from qubes_backup_hub.passphrase import PassphraseSource
 
 VOLUME = "personal-private"
 NEW_PASSPHRASE = "a brand new passphrase, longer"
@@ -251,3 +258,103 @@ def test_root_header_records_the_kdf(base: Keyed) -> None:
     assert r >= 8 and p >= 1
     assert len(bytes.fromhex(kdf["salt"])) == 16
     assert len(bytes.fromhex(header["wrapped_key"])) >= 64 + 16  # a 64-byte key, sealed
+
+
+# -- read grants: what a restore worker gets instead of the passphrase -------------------------
+
+
+class NoPassphrase(PassphraseSource):
+    """A passphrase source that must never be asked (a restore worker has none)."""
+
+    def get(self, *, confirm: bool = False) -> bytes:
+        raise AssertionError("the passphrase was asked for")
+
+
+def granted_engine(state_dir: Path, grant: dict[str, str]) -> NativeEngine:
+    """An engine as a restore worker builds it: a read grant, no passphrase, throwaway state."""
+    engine = make_engine(state_dir, read_grant=grant)
+    engine.context.passphrase = NoPassphrase(env_var=None)
+    return engine
+
+
+def test_read_grant_holds_only_the_sealing_key(keyed: Keyed, tmp_path: Path) -> None:
+    grant = make_engine(tmp_path / "dom0").grant_read(open_store(keyed.archive))
+    assert grant.pinned_root == (keyed.archive / "root").read_bytes()
+    header = root_header(keyed.archive)
+    assert set(grant.secret) == {"format", "archive_id", "suite", "encryption_key"}
+    assert grant.secret["archive_id"] == header["archive_id"] == grant.facts.archive_id
+    assert len(bytes.fromhex(grant.secret["encryption_key"])) == 32
+    flat = json.dumps(grant.secret)
+    assert PASSPHRASE not in flat and header["wrapped_key"] not in flat
+    assert header["kdf"]["salt"] not in flat
+    assert grant.facts.sessions and grant.facts.generation >= 2
+    # dom0 authenticated that root itself: it now remembers it (and announced nothing twice).
+    assert list((tmp_path / "dom0" / "archives").glob(f"{header['archive_id']}-*.json"))
+
+
+def test_grant_reads_without_passphrase_or_kdf(
+    keyed: Keyed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grant = make_engine(tmp_path / "dom0").grant_read(open_store(keyed.archive))
+    kdf_runs: list[int] = []
+    real_scrypt = hashlib.scrypt
+
+    def counting(*args: Any, **kwargs: Any) -> bytes:
+        kdf_runs.append(1)
+        return real_scrypt(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", counting)
+    worker = granted_engine(tmp_path / "worker", grant.secret)
+    store = open_store(keyed.archive)
+    info = worker.describe_session(store, None)
+    assert [v["name"] for v in info["volumes"]] == [VOLUME]
+    pieces: list[bytes] = []
+    size = worker.stream_volume(store, info["session"], VOLUME, pieces.append)
+    assert b"".join(pieces) == keyed.image.read_bytes() and size == keyed.image.stat().st_size
+    assert kdf_runs == []
+    assert not (tmp_path / "worker" / "archives").exists(), "a worker touched rollback memory"
+
+
+def test_grant_never_writes(keyed: Keyed, tmp_path: Path) -> None:
+    grant = make_engine(tmp_path / "dom0").grant_read(open_store(keyed.archive))
+    worker = granted_engine(tmp_path / "worker", grant.secret)
+    store = open_store(keyed.archive)
+    worker.describe_session(store, None)
+    before = object_snapshot(keyed.archive), (keyed.archive / "root").read_bytes()
+    attempts: list[Callable[[], object]] = [
+        lambda: worker.backup(store, [VolumeSource("disk", str(keyed.image))]),
+        lambda: worker.prune(store, sessions=[], keep_last=0),
+        lambda: worker.change_passphrase(store),
+        lambda: worker.init_archive(open_store(tmp_path / "new"), encryption=True),
+        lambda: worker.grant_read(store),
+        lambda: worker._open(store).commit(),
+        lambda: worker._open(store).sealer.blob_id(1, b"x"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(UsageError):
+            attempt()
+    assert (object_snapshot(keyed.archive), (keyed.archive / "root").read_bytes()) == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_grant_from_another_archive_fails(keyed: Keyed, tmp_path: Path) -> None:
+    other = tmp_path / "other-archive"
+    keyed.qbhub.run("init", "--dest", other)
+    theirs = make_engine(tmp_path / "dom0").grant_read(open_store(other)).secret
+    with pytest.raises(IntegrityError, match="read grant"):
+        granted_engine(tmp_path / "w1", theirs).describe_session(open_store(keyed.archive), None)
+    # Their key under our archive ID: the root does not authenticate.
+    forged = {**theirs, "archive_id": root_header(keyed.archive)["archive_id"]}
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        granted_engine(tmp_path / "w2", forged).describe_session(open_store(keyed.archive), None)
+
+
+def test_grant_read_checks_rollback(keyed: Keyed, tmp_path: Path) -> None:
+    """dom0's side does every check of an opening: an older root than it saw is refused."""
+    old_root = (keyed.archive / "root").read_bytes()
+    keyed.qbhub.run("volume", "backup", "--dest", keyed.archive, f"{keyed.image}=second")
+    dom0 = make_engine(keyed.qbhub.home)
+    dom0.grant_read(open_store(keyed.archive))
+    (keyed.archive / "root").write_bytes(old_root)
+    with pytest.raises(RollbackError):
+        make_engine(keyed.qbhub.home).grant_read(open_store(keyed.archive))
