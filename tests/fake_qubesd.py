@@ -9,10 +9,17 @@ DispVM template, net VMs, dom0, a file-reflink and an lvm_thin pool, realistic v
 sizes. It supports the mutations qbhub performs and records every request and every import.
 
 Run as ``python fake_qubesd.py import-service VOLUME`` it plays the dom0 qrexec service
-/etc/qubes-rpc/admin.vm.volume.ImportWithSize: reads the size line, asks the fake qubesd
-(internal.vm.volume.ImportBegin) for a file, copies at most SIZE bytes like `dd count_bytes`
-(stopping quietly at end of input, as dd does), then calls internal.vm.volume.ImportEnd and
-prints its response. The socket path comes from $FAKE_QUBESD_SOCKET.
+/etc/qubes-rpc/admin.vm.volume.ImportWithSize as the real script behaves: reads the size line,
+asks the fake qubesd (internal.vm.volume.ImportBegin) for a file, copies at most SIZE bytes,
+checks that exactly SIZE came and nothing follows, then calls internal.vm.volume.ImportEnd with
+"ok" or "fail\\nREASON" (qubesd discards a failed import) and prints its response. Like qubesd,
+the fake refuses a new ImportBegin while an import of that volume is still pending (what killing
+the script mid-import used to cause). The socket path comes from $FAKE_QUBESD_SOCKET.
+
+Where the real qubesd can run (tests/test_real_qubesd.py, ../shared/qubes-reference) the tests use
+it; this fake remains for what it cannot do there: running VMs (Xen), LVM thin pools, VM notes
+(4.3's Set needs libqubes-pure), a hostile qubesd, and requests recorded byte for byte.
+tests/test_fake_vs_real_qubesd.py compares its answers with the real server's, call by call.
 """
 
 from __future__ import annotations
@@ -158,6 +165,7 @@ def make_vm(name: str, klass: str, pool: str, template: str = "", **props: str) 
 
 def seed() -> dict[str, VM]:
     dom0 = VM("dom0", "AdminVM", "Running")
+    dom0.devices = {"pci": [], "usb": [], "block": [], "mic": []}  # 4.2 answers List on dom0
     dom0.props = {
         "name": ("str", "dom0"),
         "label": ("label", "black"),
@@ -204,10 +212,10 @@ def seed() -> dict[str, VM]:
     by_name["work"].state = "Running"
     by_name["default-dvm"].features["appmenus-dispvm"] = "1"
     by_name["sys-net"].devices["pci"] = [
-        "dom0+00_14.3 no-strict-reset=True persistent=True",
-        "dom0+00_1f.6 persistent=True",
+        "dom0+00_14.3 no-strict-reset=True persistent=yes",
+        "dom0+00_1f.6 persistent=yes",
     ]
-    by_name["work"].devices["usb"] = ["sys-usb+2-1 persistent=False"]
+    by_name["work"].devices["usb"] = ["sys-usb+2-1 persistent=no"]
     by_name["work"].firewall = [
         "action=accept dsthost=qubes-os.org proto=tcp dstports=443-443",
         "action=accept specialtarget=dns",
@@ -310,7 +318,8 @@ class FakeQubesd:
             if op == "List":
                 return "".join(line + "\n" for line in sorted(vm.devices[devclass]))
             if op == "Attach":
-                vm.devices[devclass].append(f"{arg} {payload.decode()}")
+                opts = payload.decode().replace("persistent=True", "persistent=yes")
+                vm.devices[devclass].append(f"{arg} {opts}")
                 return ""
             raise Refuse
         if method.startswith(("admin.vm.Create.", "admin.vm.CreateInPool.")):
@@ -319,6 +328,18 @@ class FakeQubesd:
         if handler is None:
             raise Refuse  # qubesd: ProtocolError("no such method")
         return str(handler(vm, arg, payload))
+
+    def m_admin_deviceclass_List(self, vm: VM, arg: str, payload: bytes) -> str:
+        if vm.name != "dom0" or arg:
+            raise Refuse
+        return "block\nmic\npci\nusb\n"  # 4.2 with the USB proxy and audio extensions
+
+    def m_admin_vm_property_Get(self, vm: VM, arg: str, payload: bytes) -> str:
+        for line in self.m_admin_vm_property_GetAll(vm, "", b"").splitlines():
+            name, _, rest = line.partition(" ")
+            if name == arg:
+                return rest
+        raise QubesError("QubesNoSuchPropertyError", f"Invalid property {arg!r} of {vm.name}")
 
     def m_admin_vm_List(self, vm: VM, arg: str, payload: bytes) -> str:
         return "".join(
@@ -492,6 +513,8 @@ class FakeQubesd:
             raise Refuse
         if vm.state != "Halted":
             raise QubesError("QubesVMNotHaltedError", f"Domain is powered on: {vm.name!r}")
+        if (vm.name, arg) in self.pending:  # qubesd: the previous import never ended
+            raise QubesError("QubesException", f"Volume {arg} of {vm.name} is being imported")
         size = int(payload.decode())
         path = self.workdir / f"import-{vm.name}-{arg}.img"
         path.write_bytes(b"")
@@ -502,7 +525,9 @@ class FakeQubesd:
     def m_internal_vm_volume_ImportEnd(self, vm: VM, arg: str, payload: bytes) -> str:
         path = self.pending.pop((vm.name, arg))
         if payload != b"ok":
-            raise QubesError("QubesException", "Data import failed: ")
+            path.unlink()
+            reason = payload.decode("ascii").partition("\n")[2]
+            raise QubesError("QubesException", f"Data import failed: {reason}")
         data = path.read_bytes()
         self.imports[(vm.name, arg)] = data
         vm.volumes[arg]["size"] = str(len(data))
@@ -528,15 +553,20 @@ def import_service(volume_name: str) -> int:
         sys.stdout.buffer.write(begin)
         return 1
     size_text, path = begin[2:].decode().split(" ", 1)
-    remaining = int(size_text)
+    size = remaining = int(size_text)
     with open(path, "r+b") as out:
         while remaining:
             chunk = stdin.read1(min(remaining, MiB)) if hasattr(stdin, "read1") else b""
             if not chunk:
-                break  # like dd: end of input ends the copy, quietly
+                break  # dd: end of input ends the copy; the count is checked below
             out.write(chunk)
             remaining -= len(chunk)
-    end = client(sock_path, "internal.vm.volume.ImportEnd", vm, volume_name, b"ok")
+    status = "ok"
+    if remaining:
+        status = f"fail\nnot enough data (copied {size - remaining} bytes, expected {size} bytes)"
+    elif stdin.read(1):
+        status = f"fail\ntoo much data (expected {size} bytes)"
+    end = client(sock_path, "internal.vm.volume.ImportEnd", vm, volume_name, status.encode())
     sys.stdout.buffer.write(end)
     return 0
 

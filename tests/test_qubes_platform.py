@@ -82,7 +82,7 @@ def test_settings_of_appvm(qp: QubesPlatform) -> None:
     assert s.klass == "AppVM"
     assert s.properties["label"] == "blue"
     assert s.properties["template"] == "fedora-40-xfce"
-    assert s.properties["netvm"] == "sys-firewall"  # default, but always recorded
+    assert "netvm" not in s.properties  # follows default_netvm: not recorded (not pinned)
     assert s.properties["maxmem"] == 8000  # non-default int, typed
     assert "memory" not in s.properties  # default: left out
     assert "uuid" not in s.properties and "name" not in s.properties
@@ -148,7 +148,7 @@ def test_create_apply_import_and_remove(qp: QubesPlatform, qubesd: fake_qubesd.F
     assert vm.features["service.cups"] == "1"
     assert "work-stuff" in vm.tags and "created-by-sys-evil" not in vm.tags
     assert vm.firewall == src.firewall
-    assert vm.devices["usb"] == ["sys-usb+2-1 persistent=True"]
+    assert vm.devices["usb"] == ["sys-usb+2-1 persistent=yes"]
     data = os.urandom(300_000)
     qp.import_volume("work-restored", "private", len(data), io.BytesIO(data))
     assert qubesd.imports[("work-restored", "private")] == data
@@ -173,6 +173,10 @@ def test_import_refuses_wrong_length(
     with pytest.raises(QubesApiError, match="SizeMismatch"):
         qp.import_volume("vault", "private", size, io.BytesIO(data))
     assert ("vault", "private") not in qubesd.imports  # never committed
+    assert not qubesd.pending  # the service ended the import itself: nothing left pending
+    good = os.urandom(size)
+    qp.import_volume("vault", "private", size, io.BytesIO(good))
+    assert qubesd.imports[("vault", "private")] == good
 
 
 def test_import_into_running_vm_reports_qubesd_error(qp: QubesPlatform) -> None:
@@ -251,7 +255,7 @@ def test_call_service_uses_qrexec_client(qp: QubesPlatform, qubesd: fake_qubesd.
     proc.stdin.close()
     data = proc.stdout.read()
     assert proc.wait(10) == 0
-    assert data == b"args: -d vault DEFAULT:QUBESRPC qbhub.Storage+archive1 dom0\nping\n"
+    assert data == b"args: -d vault -w 60 DEFAULT:QUBESRPC qbhub.Storage+archive1 dom0\nping\n"
     assert qubesd.vms["vault"].state == "Running"  # started first
 
 
@@ -267,7 +271,7 @@ def test_dispvm_service_creates_and_kills(
     starts = [i for i, r in enumerate(qubesd.requests) if r[0] == "admin.vm.Start"]
     assert qubesd.requests.index(sets[0]) < starts[-1]
     proc.stdin.close()
-    assert proc.stdout.read().startswith(f"args: -d {name} DEFAULT:QUBESRPC".encode())
+    assert proc.stdout.read().startswith(f"args: -d {name} -w 60 DEFAULT:QUBESRPC".encode())
     assert proc.wait(10) == 0
     assert name not in qubesd.vms  # killed, auto-cleaned
 

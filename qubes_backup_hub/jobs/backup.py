@@ -23,7 +23,8 @@ SKIPPED_CLASSES = ("AdminVM", "DispVM")
 def choose_vms(
     platform: Platform, names: list[str], all_vms: bool, exclude: list[str]
 ) -> list[str]:
-    """The VMs to back up: those named, or with --all every VM but dom0 and DispVMs."""
+    """The VMs to back up: those named, or with --all every VM but dom0, DispVMs and those whose
+    include_in_backups is off (what `qvm-backup` selects by default)."""
     vms = {vm.name: vm for vm in platform.list_vms()}
     if names and all_vms:
         raise UsageError("name VMs or give --all, not both")
@@ -35,13 +36,23 @@ def choose_vms(
             raise UsageError("dom0 is not backed up by qbhub")
         chosen = list(dict.fromkeys(names))
     elif all_vms:
-        chosen = sorted(n for n, vm in vms.items() if vm.klass not in SKIPPED_CLASSES)
+        chosen = sorted(
+            n
+            for n, vm in vms.items()
+            if vm.klass not in SKIPPED_CLASSES and _included_in_backups(platform, n)
+        )
     else:
         raise UsageError("name the VMs to back up, or give --all")
     unknown = [n for n in exclude if n not in vms]
     if unknown:
         raise NotFoundError(f"--exclude names no such VM: {', '.join(unknown)}")
     return [n for n in chosen if n not in set(exclude)]
+
+
+def _included_in_backups(platform: Platform, name: str) -> bool:
+    """The VM's include_in_backups (recorded only when not at its default, which is on)."""
+    value = platform.vm_settings(name).properties.get("include_in_backups", True)
+    return value not in (False, "False")
 
 
 def settings_document(settings: VMSettings) -> dict[str, Any]:

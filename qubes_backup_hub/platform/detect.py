@@ -13,8 +13,10 @@ QUBESD_SOCKET = Path("/var/run/qubesd.sock")
 
 
 def default_platform() -> Platform:
-    """$QBHUB_PLATFORM (`local` or `qubes`) if set, else `qubes` when qubesd runs here."""
-    choice = os.environ.get("QBHUB_PLATFORM") or ("qubes" if QUBESD_SOCKET.exists() else "local")
+    """$QBHUB_PLATFORM (`local` or `qubes`) if set, else `qubes` when qubesd runs here
+    ($QBHUB_QUBESD_SOCKET, else /var/run/qubesd.sock)."""
+    socket = Path(os.environ.get("QBHUB_QUBESD_SOCKET") or QUBESD_SOCKET)
+    choice = os.environ.get("QBHUB_PLATFORM") or ("qubes" if socket.exists() else "local")
     if choice == "qubes":
         from .qubes.platform import QubesPlatform
 

@@ -1,4 +1,4 @@
-"""Thin typed Admin API calls and strict parsers for their text formats (Qubes 4.2).
+"""Thin typed Admin API calls and strict parsers for their text formats (Qubes 4.2 and 4.3).
 
 Each method is one qubesd call (see `wire.py` for the framing). Parsers treat every answer as
 untrusted: names are checked against Qubes' own name rules, and anything that does not parse is a
@@ -10,9 +10,16 @@ produces them:
   `\\` and newline escaped as `\\\\` and `\\n`; TYPE is str, int, bool, vm or label.
 - admin.vm.feature.List / tag.List / volume.List / pool.List: one name per line.
 - admin.vm.volume.Info / pool.Info: ``key=value\\n`` lines.
-- admin.vm.device.CLASS.List (4.2): ``BACKEND+IDENT key=value ...\\n``, where the options include
-  `persistent=True|False`; attach with admin.vm.device.CLASS.Attach+BACKEND+IDENT and payload
-  ``persistent=True key=value ...``. (Qubes 4.3 renamed these to .Assigned/.Assign/.Unassign.)
+- admin.deviceclass.List (4.1+): one device class per line (those whose extension is installed).
+- admin.vm.device.CLASS.List (4.2 only): ``BACKEND+IDENT key=value ...\\n``, where the options
+  include `persistent=yes|no`; attach with admin.vm.device.CLASS.Attach+BACKEND+IDENT and payload
+  ``persistent=True key=value ...``.
+- admin.vm.device.CLASS.Assigned (4.3 only; .List is gone): ``BACKEND+PORT:DEVID SERIALISED\\n``,
+  SERIALISED being ``key='value'`` words (``\\'`` escapes a quote; device options start with
+  ``_``): device_id, port_id, devclass, backend_domain, mode (required, auto-attach,
+  ask-to-attach), frontend_domain. Assign with admin.vm.device.CLASS.Assign+BACKEND+PORT+DEVID
+  (the qrexec form: `:` as `+`, `*` as `_`) and the serialised assignment as payload
+  (qubes/device_protocol.py DeviceAssignment.serialize/deserialize).
 - admin.vm.firewall.Get/Set: one rule per line (``action=accept dsthost=... proto=tcp ...``).
 - admin.vm.notes.Get/Set exist only from Qubes 4.3 on; on 4.2 qubesd drops the call unanswered.
 """
@@ -29,7 +36,7 @@ from .wire import QubesApiError, shown
 VM_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 SIMPLE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 PROPERTY_TYPES = ("str", "int", "bool", "vm", "label")
-DEVICE_CLASSES_42 = ("pci", "usb", "block", "mic")
+DEVICE_MODES = ("required", "auto-attach", "ask-to-attach")
 MAX_LINES = 10000
 
 
@@ -49,13 +56,18 @@ class Property:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A device assigned to a VM: backend VM, device ident, options, persistence."""
+    """A device assigned to a VM: backend VM, port (4.2: ident), options, persistence.
+
+    `device_id` and `mode` are Qubes 4.3's (4.2 has neither: "*" and "required").
+    """
 
     devclass: str
     backend: str
     ident: str
     options: dict[str, str]
     persistent: bool
+    device_id: str = "*"
+    mode: str = "required"
 
 
 def malformed(call: str, what: str) -> QubesApiError:
@@ -178,6 +190,78 @@ def parse_assignments(call: str, devclass: str, data: bytes) -> list[Assignment]
     return out
 
 
+DEVICE_WORD = re.compile(r"([A-Za-z0-9_-]{1,64})='((?:[^'\\]|\\')*)'")
+PORT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9_.:*?-]{1,256}")
+
+
+def parse_serialised(call: str, text: str) -> dict[str, str]:
+    """The ``key='value' ...`` words of a 4.3 serialised device or assignment."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(text):
+        m = DEVICE_WORD.match(text, pos)
+        if not m or m.group(1) in out:
+            raise malformed(call, f"bad device word at {shown(text[pos:].encode(), 60)}")
+        out[m.group(1)] = m.group(2).replace("\\'", "'")
+        pos = m.end()
+        if pos < len(text):
+            if text[pos] != " ":
+                raise malformed(call, "device words not separated by spaces")
+            pos += 1
+    return out
+
+
+def parse_assigned(call: str, devclass: str, data: bytes) -> list[Assignment]:
+    """admin.vm.device.CLASS.Assigned (Qubes 4.3)."""
+    out = []
+    for line in lines(call, data):
+        key, _, rest = line.partition(" ")
+        backend, sep, port_dev = key.partition("+")
+        port, sep2, device_id = port_dev.partition(":")
+        if not sep or not sep2:
+            raise malformed(call, f"bad device line {shown(line.encode())}")
+        check_vm_name(call, backend)
+        words = parse_serialised(call, rest)
+        options = {k[1:]: v for k, v in words.items() if k.startswith("_")}
+        mode = words.get("mode", "")
+        if (
+            not PORT_ID.fullmatch(port)
+            or not DEVICE_ID.fullmatch(device_id)
+            or mode not in DEVICE_MODES
+            or words.get("port_id", port) != port
+            or words.get("device_id", device_id) != device_id
+            or words.get("backend_domain", backend) != backend
+            or words.get("devclass", devclass) != devclass
+            or any(not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", k) for k in options)
+        ):
+            raise malformed(call, f"bad device line {shown(line.encode())}")
+        out.append(Assignment(devclass, backend, port, options, True, device_id, mode))
+    return out
+
+
+def qarg(text: str) -> str:
+    """A 4.3 device reference in qrexec argument form (VirtualDevice.repr_for_qarg)."""
+    return text.replace(":", "+").replace("*", "_")
+
+
+def serialise_assignment(a: Assignment) -> bytes:
+    """The payload of admin.vm.device.CLASS.Assign (DeviceAssignment.serialize)."""
+
+    def word(key: str, value: str) -> str:
+        return f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
+
+    words = [
+        word("device_id", a.device_id),
+        word("port_id", a.ident),
+        word("devclass", a.devclass),
+        word("backend_domain", a.backend),
+        word("mode", a.mode),
+        *(word("_" + k, v) for k, v in sorted(a.options.items())),
+    ]
+    return " ".join(words).encode("ascii")
+
+
 class AdminApi:
     """The Admin API calls qbhub makes, over any Transport (the qubesd socket in dom0)."""
 
@@ -223,6 +307,12 @@ class AdminApi:
             "admin.vm.property.GetAll", self._call("admin.vm.property.GetAll", vm)
         )
 
+    def property_get(self, vm: str, name: str) -> Property:
+        call = "admin.vm.property.Get"
+        line = self._call(call, vm, name)
+        props = parse_properties(call, name.encode("ascii") + b" " + line + b"\n")
+        return props[name]
+
     def property_set(self, vm: str, name: str, value: str) -> None:
         self._call("admin.vm.property.Set", vm, name, value.encode("utf-8"))
 
@@ -246,10 +336,29 @@ class AdminApi:
     def tag_set(self, vm: str, tag: str) -> None:
         self._call("admin.vm.tag.Set", vm, tag)
 
-    # devices (Qubes 4.2 names)
+    # devices
+    def deviceclass_list(self) -> list[str]:
+        call = "admin.deviceclass.List"
+        return names(call, self._call(call, "dom0"), re.compile(r"[a-z][a-z0-9_-]{0,31}"))
+
     def device_list(self, vm: str, devclass: str) -> list[Assignment]:
+        """Qubes 4.2: assigned and attached devices (see `persistent`)."""
         method = f"admin.vm.device.{devclass}.List"
         return parse_assignments(method, devclass, self._call(method, vm))
+
+    def device_assigned(self, vm: str, devclass: str) -> list[Assignment]:
+        """Qubes 4.3: the VM's device assignments."""
+        method = f"admin.vm.device.{devclass}.Assigned"
+        return parse_assigned(method, devclass, self._call(method, vm))
+
+    def device_assign(self, vm: str, a: Assignment) -> None:
+        """Qubes 4.3: assign a device (persistently, in its mode)."""
+        self._call(
+            f"admin.vm.device.{a.devclass}.Assign",
+            vm,
+            qarg(f"{a.backend}+{a.ident}:{a.device_id}"),
+            serialise_assignment(a),
+        )
 
     def device_attach(self, vm: str, a: Assignment) -> None:
         opts = " ".join(f"{k}={v}" for k, v in sorted(a.options.items()))

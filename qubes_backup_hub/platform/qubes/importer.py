@@ -9,18 +9,20 @@ volume of SIZE bytes, copies exactly SIZE bytes into it with dd, then commits it
 (internal.vm.volume.ImportEnd) and prints qubesd's response, which we parse like any other.
 The VM must be halted.
 
-dd stops quietly at end of input, so the script would commit a short import padded with zeros.
-We therefore never give it the last byte before we know the data is exactly SIZE bytes long: the
-final chunk is held back until one more read proves there is nothing after it, and on short or
-long data the service is terminated before its input is closed, so ImportEnd never runs and the
-volume keeps its previous content.
+The service counts the bytes itself: it copies at most SIZE bytes with dd, then checks that dd
+copied exactly SIZE and that nothing follows, and reports "ok" or "fail" to qubesd
+(internal.vm.volume.ImportEnd), which commits the new volume only on "ok" and otherwise discards
+it. So the service is never killed mid-import (that would leave the import pending in qubesd: the
+`file` driver then refuses the next import, LVM thin refuses imports, clones and reverts of that
+volume). When our data is short, or reading it fails, its input is closed early; when it is long,
+one byte more than SIZE is sent. Either way the service makes qubesd discard the import, and the
+error is raised here after the service has finished.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 from collections.abc import Sequence
 from typing import IO
@@ -70,48 +72,61 @@ def import_with_size(
     except OSError as e:
         raise QubesApiError(call, "Connection", f"cannot run {service[0]}: {e}") from None
     assert proc.stdin is not None and proc.stdout is not None
-    problem = _feed(proc.stdin, size, data)
-    if problem is not None:
-        _abort(proc)
-        raise QubesApiError(call, "SizeMismatch", problem + "; import aborted, nothing written")
-    output = proc.stdout.read(MAX_OUTPUT + 1)
-    proc.wait()
+    try:
+        problem = _feed(proc.stdin, size, data)
+    except BaseException:
+        # Reading the data failed: end the service's input early so that it reports a short
+        # import and qubesd discards it; then let the caller see the reason.
+        _finish(proc)
+        raise
+    output = _finish(proc)
     if len(output) > MAX_OUTPUT:
         raise QubesApiError(call, "Malformed", "oversized response from the import service")
-    parse_response(call, output)
+    if problem is None:
+        parse_response(call, output)
+        return
+    try:
+        parse_response(call, output)
+    except QubesApiError as e:
+        raise QubesApiError(
+            call, "SizeMismatch", f"{problem}; qubesd discarded the import ({e.message})"
+        ) from None
+    raise QubesApiError(call, "SizeMismatch", f"{problem}, yet the import service reported success")
 
 
 def _feed(stdin: IO[bytes], size: int, data: IO[bytes]) -> str | None:
-    """Write the size line and the data, holding back the final chunk; None if all went in."""
+    """Write the size line and up to size+1 bytes of data; say what was wrong with its length.
+
+    Short data ends the service's input early; long data gets one byte past SIZE through, so
+    the service itself sees the wrong length and refuses. None if the data was exactly SIZE.
+    """
     remaining = size
+    problem = None
     try:
         stdin.write(f"{size}\n".encode())
         while remaining:
             chunk = data.read(min(CHUNK, remaining))
             if not chunk:
-                return f"data ended {remaining} bytes short of {size}"
+                problem = f"data ended {remaining} bytes short of {size}"
+                break
             remaining -= len(chunk)
-            if remaining == 0 and data.read(1):
-                return f"data is longer than the announced {size} bytes"
             stdin.write(chunk)
-        stdin.close()
+        if problem is None:
+            extra = data.read(1)
+            if extra:
+                problem = f"data is longer than the announced {size} bytes"
+                stdin.write(extra)
     except BrokenPipeError:
-        pass  # the service refused early; its answer on stdout says why
-    return None
+        pass  # the service refused early (e.g. ImportBegin failed); its answer says why
+    return problem
 
 
-def _abort(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the service before it sees end of input, so it never commits the import."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for stream in (proc.stdin, proc.stdout):
-        if stream is not None:
-            with contextlib.suppress(OSError):
-                stream.close()
+def _finish(proc: subprocess.Popen[bytes]) -> bytes:
+    """Close the service's input, read its answer and wait for it to end (never killed)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    output = proc.stdout.read(MAX_OUTPUT + 1)
+    proc.stdout.close()
+    proc.wait()
+    return output

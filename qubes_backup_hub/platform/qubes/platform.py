@@ -3,25 +3,38 @@
 Metadata goes through qubesd (`adminapi.py` over `wire.py`); volume data is read straight from
 the pool's storage (paths below) and written back with ImportWithSize (`importer.py`).
 
-Volume paths, as the Qubes 4.2 pool drivers lay volumes out (qubes/storage/lvm.py and
-reflink.py in qubes-core-admin):
+Qubes 4.2 and 4.3 are both spoken; which one this dom0 runs is read from qubesd (the device API
+answers `.Assigned` on 4.3 and `.List` on 4.2), and so are the device classes
+(admin.deviceclass.List: only the installed extensions' classes). Settings: QBHUB_QUBESD_SOCKET,
+QBHUB_QREXEC_CLIENT and QBHUB_QUBES_IMPORT_SERVICE override the socket, the qrexec client and the
+ImportWithSize service (constructor arguments win over them), so the same CLI runs against any
+qubesd.
+
+Volume paths, as the Qubes 4.2/4.3 pool drivers lay volumes out (qubes/storage/lvm.py,
+reflink.py and file.py in qubes-core-admin):
 - lvm_thin: the volume's vid is ``VG/vm-NAME-VOL`` and its device ``/dev/VG/vm-NAME-VOL``
   (e.g. /dev/qubes_dom0/vm-work-private); a running VM writes to a separate -snap volume, so
   this device holds the state of the last clean shutdown.
 - file-reflink: the vid is relative to the pool's dir_path (``appvms/NAME/private``,
   ``vm-templates/NAME/root``) and the committed image is ``DIR_PATH/VID.img``; a running VM
   writes to ``VID-dirty.img``.
+- file (legacy, a default 4.2 install on ext4): ``DIR_PATH/VID.img`` too, but a running VM writes
+  into that very file (its driver refuses to export running volumes), so it is read only while
+  the VM is halted.
 
-Services in VMs are started with dom0's `qrexec-client -d VM DEFAULT:QUBESRPC SERVICE+ARG dom0`,
-the call qubesadmin itself makes for `qvm-run --service`: binary-clean stdin/stdout pipes, the
-remote exit status, no terminal filtering and no extra Python layer. The VM is started first
-(admin.vm.Start). A DispVM service gets a fresh admin.vm.CreateDisposable VM, which is killed
-when the service ends (Qubes then removes it: auto_cleanup).
+Services in VMs are started with dom0's
+`qrexec-client -d VM -w QREXEC_TIMEOUT DEFAULT:QUBESRPC SERVICE+ARG dom0`, the call qubesadmin
+itself makes for `qvm-run --service` (`-w` the VM's qrexec_timeout, as qubesadmin's run_service
+passes it): binary-clean stdin/stdout pipes, the remote exit status, no terminal filtering and no
+extra Python layer. The VM is started first (admin.vm.Start). A DispVM service gets a fresh
+admin.vm.CreateDisposable VM, which is killed when the service ends (Qubes then removes it:
+auto_cleanup).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import subprocess
 from collections.abc import Sequence
@@ -36,7 +49,7 @@ from ..base import (
     VMSummary,
     VolumeInfo,
 )
-from .adminapi import DEVICE_CLASSES_42, AdminApi, Assignment, Property
+from .adminapi import AdminApi, Assignment, Property
 from .importer import IMPORT_SERVICE, import_with_size, needs_sudo
 from .wire import DEFAULT_SOCKET, QubesApiError, QubesdSocket
 
@@ -65,15 +78,15 @@ RUNTIME_PROPERTIES = {
     "visible_gateway",
     "visible_gateway6",
     "visible_netmask",
-    "ip",
-    "ip6",
-    "mac",
+    "stubdom_uuid",
     "updateable",
     "dispid",
     "auto_cleanup",
-    "stubdom_mem",
 }
-ALWAYS_RECORDED = ("label", "template", "netvm")
+# Recorded even at their default: a restore needs them to create the VM. netvm is not among
+# them: a VM whose netvm follows default_netvm must keep following it (recording the current
+# value would pin it), so it is recorded only when set explicitly, as qvm-backup does.
+ALWAYS_RECORDED = ("label", "template")
 # Tags Qubes manages itself; copying them would lie about who created the VM.
 MANAGED_TAG_PREFIXES = ("created-by-", "disp-created-by-", "audiovm-", "guivm-", "relayvm-")
 
@@ -137,6 +150,10 @@ class QrexecProcess(ServiceProcess):
             except QubesApiError as e:
                 if e.exc_type != "QubesVMNotStartedError":
                     raise
+                # Not running (it never started, or stopped by itself): Qubes' auto_cleanup
+                # removes a DispVM when it stops, which may not have happened; make sure.
+                with contextlib.suppress(QubesApiError):
+                    self._api.vm_remove(name)
 
 
 class QubesPlatform(Platform):
@@ -146,27 +163,59 @@ class QubesPlatform(Platform):
 
     def __init__(
         self,
-        socket_path: str = DEFAULT_SOCKET,
+        socket_path: str | None = None,
         *,
-        qrexec_client: str = QREXEC_CLIENT,
-        import_service: Sequence[str] = (IMPORT_SERVICE,),
+        qrexec_client: str | None = None,
+        import_service: Sequence[str] | None = None,
         import_sudo: bool | None = None,
         dispvm_template: str = "dom0",
     ) -> None:
-        self.api = AdminApi(QubesdSocket(socket_path))
-        self.qrexec_client = qrexec_client
+        env = os.environ
+        self.api = AdminApi(QubesdSocket(socket_path or configured_socket()))
+        self.qrexec_client = qrexec_client or env.get("QBHUB_QREXEC_CLIENT") or QREXEC_CLIENT
+        if import_service is None:
+            import_service = (env.get("QBHUB_QUBES_IMPORT_SERVICE") or IMPORT_SERVICE,)
         self.import_service = tuple(import_service)
-        self.import_sudo = needs_sudo() if import_sudo is None else import_sudo
+        if import_sudo is None:  # dom0's own service runs as root; another one as it is
+            import_sudo = needs_sudo() and self.import_service == (IMPORT_SERVICE,)
+        self.import_sudo = import_sudo
         self.dispvm_template = dispvm_template
+        self._version: str | None = None
+        self._classes: list[str] | None = None
+
+    # what this qubesd speaks
+    @property
+    def api_version(self) -> str:
+        """The Qubes release ("4.2" or "4.3") as read from qubesd: the device API it answers."""
+        if self._version is None:
+            try:
+                self.api.device_assigned("dom0", "pci")
+                self._version = "4.3"
+            except QubesApiError as e:
+                if e.exc_type != "NoResponse":
+                    raise
+                self.api.device_list("dom0", "pci")  # 4.2's; if this fails too, say so
+                self._version = "4.2"
+        return self._version
+
+    @property
+    def device_classes(self) -> list[str]:
+        """The device classes this dom0 has (admin.deviceclass.List)."""
+        if self._classes is None:
+            self._classes = self.api.deviceclass_list()
+        return self._classes
 
     # reading
     def list_vms(self) -> list[VMSummary]:
         return [VMSummary(n, k, s) for n, k, s in self.api.vm_list()]
 
     def _klass(self, vm: str) -> str:
-        for name, klass, _ in self.api.vm_list():
+        return self._summary(vm).klass
+
+    def _summary(self, vm: str) -> VMSummary:
+        for name, klass, state in self.api.vm_list():
             if name == vm:
-                return klass
+                return VMSummary(name, klass, state)
         raise NotFoundError(f"no such VM: {vm!r}")
 
     def vm_settings(self, vm: str) -> VMSettings:
@@ -182,33 +231,34 @@ class QubesPlatform(Platform):
             return settings
         settings.features = {f: self.api.feature_get(vm, f) for f in self.api.feature_list(vm)}
         settings.tags = self.api.tag_list(vm)
-        for devclass in DEVICE_CLASSES_42:
-            for a in self.api.device_list(vm, devclass):
-                if a.persistent:
-                    settings.devices.append(
-                        {
-                            "class": a.devclass,
-                            "backend": a.backend,
-                            "ident": a.ident,
-                            "options": dict(a.options),
-                            "required": True,
-                        }
-                    )
+        settings.devices = [
+            {
+                "class": a.devclass,
+                "backend": a.backend,
+                "ident": a.ident,
+                "options": dict(a.options),
+                "required": a.mode == "required",
+            }
+            for a in self._assignments(vm)
+        ]
         settings.firewall = self.api.firewall_get(vm)
-        settings.notes = self._notes(vm)
+        # Qubes 4.2 has no admin.vm.notes.* calls
+        settings.notes = self.api.notes_get(vm) if self.api_version != "4.2" else ""
         return settings
 
-    def _notes(self, vm: str) -> str:
-        try:
-            return self.api.notes_get(vm)
-        except QubesApiError as e:
-            if e.exc_type == "NoResponse":  # Qubes 4.2 has no admin.vm.notes.* calls
-                return ""
-            raise
+    def _assignments(self, vm: str) -> list[Assignment]:
+        """The VM's persistent device assignments, in every device class this dom0 has."""
+        out: list[Assignment] = []
+        for devclass in self.device_classes:
+            if self.api_version == "4.2":
+                out += [a for a in self.api.device_list(vm, devclass) if a.persistent]
+            else:
+                out += self.api.device_assigned(vm, devclass)
+        return out
 
     def vm_volumes(self, vm: str) -> list[VolumeInfo]:
-        klass = self._klass(vm)
-        wanted = PERSISTENT_VOLUMES.get(klass, ())
+        summary = self._summary(vm)
+        wanted = PERSISTENT_VOLUMES.get(summary.klass, ())
         present = set(self.api.volume_list(vm))
         pools: dict[str, dict[str, str]] = {}
         out = []
@@ -223,6 +273,12 @@ class QubesPlatform(Platform):
             if pool not in pools:
                 pools[pool] = self.api.pool_info(pool)
             driver = pools[pool].get("driver", "")
+            if driver == "file" and summary.state != "Halted":
+                raise UsageError(
+                    f"VM {vm} is {summary.state.lower()} and its volume {volume} is in the legacy "
+                    f"'file' pool {pool}, whose running volumes cannot be read consistently (the "
+                    "driver refuses to export them); shut the VM down first"
+                )
             size = info.get("size", "")
             if not re.fullmatch(r"[0-9]{1,19}", size):
                 raise QubesApiError(call, "Malformed", f"bad volume size {size[:40]!r}")
@@ -232,7 +288,10 @@ class QubesPlatform(Platform):
 
     # writing
     def create_vm(self, settings: VMSettings, *, pool: str | None = None) -> None:
-        if settings.klass not in PERSISTENT_VOLUMES or settings.klass == "DispVM":
+        """admin.vm.Create.CLASS (CreateInPool with a pool); a named DispVM is created from its
+        DispVM template. No template: qubesd takes default_template (default_dispvm for a
+        DispVM), as qvm-backup-restore does."""
+        if settings.klass not in PERSISTENT_VOLUMES:
             raise UsageError(f"cannot create a VM of class {settings.klass!r}")
         label = str(settings.properties.get("label") or "red")
         template = str(settings.properties.get("template") or "")
@@ -266,11 +325,21 @@ class QubesPlatform(Platform):
                 str(dev["ident"]),
                 {str(k): str(v) for k, v in dict(dev.get("options", {})).items()},
                 True,
+                str(dev.get("device_id", "*")),
+                device_mode(dev),
             )
-            attempt(f"device {a.devclass}:{a.backend}+{a.ident}", self.api.device_attach, vm, a)
+            what = f"device {a.devclass}:{a.backend}+{a.ident}"
+            if a.devclass not in self.device_classes:
+                failed.append(f"{what}: this dom0 has no {a.devclass} device class")
+            elif self.api_version == "4.2":
+                attempt(what, self.api.device_attach, vm, a)
+            else:
+                attempt(what, self.api.device_assign, vm, a)
         if settings.firewall:
             attempt("firewall", self.api.firewall_set, vm, settings.firewall)
-        if settings.notes:
+        if settings.notes and self.api_version == "4.2":
+            failed.append("notes: Qubes 4.2 keeps no VM notes (admin.vm.notes.* is 4.3's)")
+        elif settings.notes:
             attempt("notes", self.api.notes_set, vm, settings.notes)
         return failed
 
@@ -295,11 +364,19 @@ class QubesPlatform(Platform):
         self.api.vm_remove(vm)
 
     # services
-    def _service_argv(self, vm: str, service: str, args: Sequence[str]) -> list[str]:
+    def _service_argv(
+        self, vm: str, service: str, args: Sequence[str], timeout: int | None = None
+    ) -> list[str]:
         if not SERVICE_NAME.fullmatch(service) or any(not SERVICE_ARG.fullmatch(a) for a in args):
             raise UsageError(f"invalid qrexec service or argument: {service!r} {list(args)!r}")
-        full = service + "".join("+" + a for a in args)
-        return [self.qrexec_client, "-d", vm, f"DEFAULT:QUBESRPC {full} dom0"]
+        full = service + "+" + "+".join(args)  # qubesadmin sends the "+" even without argument
+        wait = ["-w", str(timeout)] if timeout else []
+        return [self.qrexec_client, "-d", vm, *wait, f"DEFAULT:QUBESRPC {full} dom0"]
+
+    def _qrexec_timeout(self, vm: str) -> int | None:
+        """The VM's qrexec_timeout, which qubesadmin passes to qrexec-client as `-w`."""
+        value = self.api.property_get(vm, "qrexec_timeout").value
+        return int(value) if value.isdigit() and int(value) > 0 else None
 
     def _start(self, vm: str) -> None:
         try:
@@ -309,7 +386,8 @@ class QubesPlatform(Platform):
                 raise
 
     def call_service(self, vm: str, service: str, args: Sequence[str] = ()) -> ServiceProcess:
-        argv = self._service_argv(vm, service, args)
+        self._service_argv(vm, service, args)  # validate before starting anything
+        argv = self._service_argv(vm, service, args, self._qrexec_timeout(vm))
         self._start(vm)
         return QrexecProcess(argv)
 
@@ -320,9 +398,23 @@ class QubesPlatform(Platform):
             # The default DispVM template usually has network; a worker parsing hostile data
             # must not: cut it before the DispVM starts.
             self.api.property_set(name, "netvm", "")
+            argv = self._service_argv(name, service, args, self._qrexec_timeout(name))
             self._start(name)
-            return QrexecProcess(self._service_argv(name, service, args), name, self.api)
+            return QrexecProcess(argv, name, self.api)
         except BaseException:
             with contextlib.suppress(QubesApiError):
                 self.api.vm_kill(name)
             raise
+
+
+def device_mode(dev: dict[str, object]) -> str:
+    """A recorded assignment's 4.3 mode (4.2 records only `required`)."""
+    mode = dev.get("mode")
+    if isinstance(mode, str) and mode:
+        return mode
+    return "required" if dev.get("required", True) else "auto-attach"
+
+
+def configured_socket() -> str:
+    """The qubesd socket: $QBHUB_QUBESD_SOCKET, else Qubes' own /var/run/qubesd.sock."""
+    return os.environ.get("QBHUB_QUBESD_SOCKET") or DEFAULT_SOCKET
