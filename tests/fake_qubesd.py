@@ -18,8 +18,9 @@ the script mid-import used to cause). The socket path comes from $FAKE_QUBESD_SO
 
 Where the real qubesd can run (tests/test_real_qubesd.py, ../shared/qubes-reference) the tests use
 it; this fake remains for what it cannot do there: running VMs (Xen), LVM thin pools, VM notes
-(4.3's Set needs libqubes-pure), a hostile qubesd, and requests recorded byte for byte.
-tests/test_fake_vs_real_qubesd.py compares its answers with the real server's, call by call.
+(4.3's Set needs libqubes-pure), a hostile qubesd, and requests recorded byte for byte. Its
+formats follow the real 4.2 server's (device lines `persistent=yes`, property.Get without the
+name); a call-by-call comparison with the real server is still to be written.
 """
 
 from __future__ import annotations
