@@ -436,3 +436,21 @@ def test_restore_all_onto_an_empty_system(
         want = backed_up["work_first"] if key == "work:private" else world.data[key]
         assert volume_file(empty, qp, vm, volume).read_bytes() == want, key
     assert qp.vm_settings("work").properties["template"] == "fedora-40-xfce"
+
+
+def test_device_assignments_are_written_in_the_servers_api(world: World) -> None:
+    """4.3: admin.vm.device.pci.Assign with the serialised assignment, read back through
+    .Assigned. 4.2: .Attach with persistent=True reaches qubesd, which checks that the PCI device
+    exists; there is no PCI hardware here, so its refusal is what the real 4.2 says."""
+    qp = world.qp
+    qp.create_vm(VMSettings("devs", "AppVM", {"label": "red"}))
+    pci = {"class": "pci", "backend": "dom0", "ident": "00_14.3",
+           "options": {"no-strict-reset": "True"}, "required": True}  # fmt: skip
+    usb = {"class": "usb", "backend": "sys-net", "ident": "2-1", "options": {}, "required": True}
+    failed = qp.apply_settings(VMSettings("devs", "AppVM", {"label": "red"}, devices=[pci, usb]))
+    assert "device usb:sys-net+2-1: this dom0 has no usb device class" in failed
+    if world.server.version == "4.2":
+        assert any("Invalid PCI device: 00_14.3" in f for f in failed), failed
+    else:
+        assert len(failed) == 1 and qp.vm_settings("devs").devices == [pci]
+    qp.remove_vm("devs")
