@@ -1,7 +1,11 @@
 """The blob index: which pack, offset and length hold each blob ID.
 
 Encoded index (the plaintext of an INDEX blob): b"QBIX" || u32 pack count || per pack:
-(32-byte pack hash, u32 entry count, entries as in the pack trailer). All little-endian.
+(32-byte pack hash, u32 entry count, entries as in the pack trailer) || zero padding. All
+little-endian. The padding (zero bytes after the last pack, possibly none) lets the writer round
+the stored object to a multiple of PAD_TO bytes, as packs are, so an index object's size does not
+give away how many chunks a session changed. The counts fix where the packs end, so the padding
+is unambiguous; a decoder requires it to be all zeros. Indexes written before padding have none.
 
 In memory the index keeps each pack's entry records as the bytes they were decoded from and maps
 an ID to the record's position; a location is unpacked only when it is asked for. Loading an
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 from qubes_backup_hub.errors import IntegrityError
 
-from .pack import ENTRY, PackEntry
+from .pack import ENTRY, PAD_TO, PackEntry
 
 INDEX_MAGIC = b"QBIX"
 _ID_START, _ID_END = 1, 33  # the blob ID's bytes inside an ENTRY record
@@ -132,10 +136,19 @@ def encode_index(packs: dict[str, list[PackEntry]]) -> bytes:
     return bytes(out)
 
 
+def pad_index(plain: bytes, overhead: int) -> bytes:
+    """Append zero padding so the sealed, uncompressed INDEX blob is a multiple of PAD_TO.
+
+    The sealed blob is 1 framing byte + the plaintext + `overhead` (the sealer's) bytes long.
+    """
+    return plain + bytes(-(len(plain) + 1 + overhead) % PAD_TO)
+
+
 def decode_index(data: bytes) -> list[PackTable]:
     """Split index plaintext (already authenticated) into per-pack tables, in file order.
 
-    IntegrityError on any inconsistency: bad magic, a count that runs past the end, trailing bytes.
+    IntegrityError on any inconsistency: bad magic, a count that runs past the end, non-zero
+    bytes after the last pack (zero bytes there are padding, see `pad_index`).
     """
     try:
         if data[:4] != INDEX_MAGIC:
@@ -154,8 +167,8 @@ def decode_index(data: bytes) -> list[PackTable]:
                 raise IntegrityError("index object is truncated")
             tables.append(PackTable(name, data[pos:end]))
             pos = end
-        if pos != len(data):
-            raise IntegrityError("index object has trailing bytes")
+        if data[pos:].count(0) != len(data) - pos:
+            raise IntegrityError("index object has trailing bytes that are not padding")
         return tables
     except struct.error:
         raise IntegrityError("index object is truncated") from None

@@ -20,7 +20,7 @@ from qubes_backup_hub.errors import QbhubError, StoreError
 from qubes_backup_hub.store.base import Bytes
 
 from .blob import BlobType
-from .index import Index, encode_index
+from .index import Index, encode_index, pad_index
 from .limits import MAX_PACK
 from .pack import (
     DEFAULT_PACK_TARGET,
@@ -221,15 +221,19 @@ class BlobWriter:
 
 
 def store_index(repo: Repository, packs: dict[str, list[PackEntry]]) -> tuple[str, int, int] | None:
-    """Seal and store an index object for `packs`; return (name, raw length, stored length)."""
+    """Seal and store an index object for `packs`; return (name, raw length, stored length).
+
+    The object is stored uncompressed with zero padding in its plaintext (`pad_index`), so its
+    size is a multiple of PAD_TO like a pack's: it tells storage about as much as pack sizes do.
+    """
     if not packs:
         return None
-    plain = encode_index(packs)
+    plain = pad_index(encode_index(packs), repo.sealer.overhead)
     index_id = repo.sealer.blob_id(BlobType.INDEX, plain)
     name = "i" + index_id.hex()
     if name in {n for n, _ in repo.body.indexes}:  # the same index is already committed
         return name, len(plain), 0
-    sealed = repo.codec.encode(BlobType.INDEX, index_id, plain)
+    sealed = repo.codec.encode(BlobType.INDEX, index_id, plain, compress=False)
     try:
         repo.store.put(name, sealed)
     except StoreError:
