@@ -100,7 +100,8 @@ def damage_summary(r: dict[str, Any]) -> str:
     sessions: list[str] = []
     for d in [*(r.get("damaged") or []), r.get("damaged_unlisted") or {}]:
         sessions += [s for s in d.get("sessions", []) if s not in sessions]
-    affected = f"sessions affected: {', '.join(sessions)}" if sessions else "no session affected"
+    shown = ", ".join(sessions[:10]) + (f" and {len(sessions) - 10} more" if sessions[10:] else "")
+    affected = f"sessions affected: {shown}" if sessions else "no session affected"
     count = r.get("damaged_count") or len(r.get("damaged") or [])
     return f"verify found {count} damaged object(s); {affected}"
 

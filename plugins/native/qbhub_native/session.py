@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,34 +54,60 @@ class SessionRecord:
         return next((v for v in self.volumes if v.name == name), None)
 
 
+TREE_HEX = re.compile(f"[0-9a-f]{{{2 * ID_BYTES}}}")
+VOLUME_INTS = ("size", "chunk_size", "fanout", "bytes_read", "chunks_new", "bytes_new")
+VOLUME_FIELDS = {"name", "tree", "provider", *VOLUME_INTS}
+
+
 def decode_session(data: bytes) -> SessionRecord:
-    """Parse and sanity-check a session record (already authenticated)."""
+    """Parse and sanity-check a session record (already authenticated).
+
+    Guarantees: raises only IntegrityError on malformed input (bad JSON, nesting too deep, wrong
+    types, impossible values); unknown keys are ignored (FORMAT.md section 8).
+    """
     try:
         doc = json.loads(data)
-        volumes = [VolumeRecord(**v) for v in doc["volumes"]]
-        record = SessionRecord(
-            session_id=str(doc["session_id"]),
-            started=str(doc["started"]),
-            finished=str(doc["finished"]),
-            volumes=volumes,
-            metadata=dict(doc.get("metadata", {})),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"session record is malformed ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise IntegrityError(f"session record is malformed ({type(exc).__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("volumes"), list):
+        raise IntegrityError("session record is malformed (no volume list)")
+    fields = [doc.get(k) for k in ("session_id", "started", "finished")]
+    metadata = doc.get("metadata", {})
+    if not all(isinstance(f, str) for f in fields) or not isinstance(metadata, dict):
+        raise IntegrityError("session record is malformed (wrong field types)")
+    volumes = [_decode_volume(v) for v in doc["volumes"]]
+    record = SessionRecord(str(fields[0]), str(fields[1]), str(fields[2]), volumes, metadata)
     try:
         check_session_id(record.session_id)
     except UsageError as exc:
         raise IntegrityError(f"session record holds a bad session ID: {exc}") from None
-    for v in volumes:
-        try:
-            check_volume_name(v.name)
-        except UsageError as exc:
-            raise IntegrityError(f"session record holds a bad volume name: {exc}") from None
-        if not (
-            0 <= v.size <= MAX_VOLUME_SIZE
-            and MIN_CHUNK_SIZE <= v.chunk_size <= MAX_CHUNK_SIZE
-            and 2 <= v.fanout <= 65535
-            and len(v.tree) == 2 * ID_BYTES
-        ):
-            raise IntegrityError(f"session record has an impossible volume entry {v.name!r}")
+    if len({v.name for v in volumes}) != len(volumes):
+        raise IntegrityError("session record names a volume twice")
     return record
+
+
+def _decode_volume(doc: object) -> VolumeRecord:
+    """One volume entry, its types and ranges checked; IntegrityError otherwise."""
+    if not isinstance(doc, dict):
+        raise IntegrityError("session record has a malformed volume entry")
+    known = {k: v for k, v in doc.items() if k in VOLUME_FIELDS}
+    if not all(isinstance(known.get(k), str) for k in ("name", "tree")) or not all(
+        type(known.get(k, 0)) is int for k in VOLUME_INTS
+    ):
+        raise IntegrityError("session record has a malformed volume entry")
+    if not isinstance(known.get("provider", ""), str):
+        raise IntegrityError("session record has a malformed volume entry")
+    try:
+        volume = VolumeRecord(**known)
+        check_volume_name(volume.name)
+    except (TypeError, ValueError, UsageError) as exc:
+        raise IntegrityError(f"session record has a bad volume entry: {exc}") from None
+    if not (
+        0 <= volume.size <= MAX_VOLUME_SIZE
+        and MIN_CHUNK_SIZE <= volume.chunk_size <= MAX_CHUNK_SIZE
+        and volume.chunk_size % 4096 == 0
+        and 2 <= volume.fanout <= 65535
+        and TREE_HEX.fullmatch(volume.tree)
+    ):
+        raise IntegrityError(f"session record has an impossible volume entry {volume.name!r}")
+    return volume
