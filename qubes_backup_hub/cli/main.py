@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import click
 
@@ -73,11 +78,51 @@ def cli(ctx: click.Context) -> None:
     ctx.ensure_object(CliState)
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so every cleanup (a restore's partial
+    file, a lock) runs; not an Exception, so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    # Further TERM/HUP would interrupt the cleanup this one starts: ignore them from now on.
+    for sig in TERMINATING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextmanager
+def signals_unwind() -> Iterator[None]:
+    """While the CLI runs, SIGTERM and SIGHUP raise Terminated in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; turn every error into one line on stderr and a documented exit code."""
+    """Run the CLI; turn every error into one line on stderr and a documented exit code.
+
+    SIGTERM and SIGHUP unwind the command (its cleanup runs) and exit 128 + the signal number.
+    """
     tune_allocator()
     try:
-        cli.main(args=argv, prog_name="qbhub", standalone_mode=False)
+        with signals_unwind():
+            cli.main(args=argv, prog_name="qbhub", standalone_mode=False)
+    except Terminated as exc:
+        click.echo(f"qbhub: terminated by {exc}", err=True)
+        return 128 + exc.signum
     except QbhubError as exc:
         click.echo(f"qbhub: error: {exc}", err=True)
         return exc.exit_code

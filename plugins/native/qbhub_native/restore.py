@@ -3,16 +3,23 @@
 Writes go to a fresh temporary file beside the target, renamed into place only after every chunk
 authenticated and was written and fsynced: a failed restore leaves no partial file behind.
 A block device is written in place (it can't be renamed); a failure says so.
+
+The temporary file is `.NAME.qbhub-partial-PID-RANDOM`. Errors, Ctrl-C, SIGTERM and SIGHUP (the
+CLI turns those into exceptions) remove it; a process killed outright (SIGKILL, power loss)
+can't, so every restore first removes the partial files in its target directory whose PID is no
+longer running: decrypted data does not linger beside the target.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import stat
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 from qubes_backup_hub.directio import OffsetWriter, open_direct
@@ -26,6 +33,8 @@ from .session import VolumeRecord
 from .tree import ID_BYTES, ZERO_ID, iter_leaves
 
 MAX_RUN_BYTES = 8 * 1024 * 1024
+PARTIAL_MARK = ".qbhub-partial-"
+PARTIAL_NAME = re.compile(r"\..+\.qbhub-partial-([1-9][0-9]{0,6})-[0-9a-f]{8}")
 # One read of consecutive blobs in one pack: (pack, offset, total length, [(chunk, id, loc)])
 Run = tuple[str, int, int, list[tuple[int, bytes, BlobLocation]]]
 
@@ -83,12 +92,18 @@ class VolumeRestore:
             raise UsageError(f"{target} exists and is neither a regular file nor a block device")
         if mode is not None and not overwrite:
             raise UsageError(f"{target} exists; use --overwrite to replace it")
-        tmp = target.parent / f".{target.name}.qbhub-partial-{secrets.token_hex(4)}"
+        remove_stale_partials(target.parent)
+        tmp = target.parent / f".{target.name}{PARTIAL_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        # Written so that an exception raised anywhere (SIGTERM/SIGHUP become exceptions, and
+        # arrive between any two bytecodes) still removes the file: `ours` is set before the
+        # file can exist, and cleared only if creating it failed (then it is not ours).
+        fd, ours = -1, True
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise UsageError(f"cannot create {tmp}: {exc.strerror}") from None
-        try:
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                ours = False
+                raise UsageError(f"cannot create {tmp}: {exc.strerror}") from None
             os.ftruncate(fd, volume.size)
             direct_fd = open_direct(tmp, os.O_WRONLY)
             try:
@@ -97,14 +112,16 @@ class VolumeRestore:
                 if direct_fd is not None:
                     os.close(direct_fd)
             os.fsync(fd)
-            os.close(fd)
-            fd = -1
+            fd, closing = -1, fd
+            os.close(closing)
             os.rename(tmp, target)
         except BaseException as exc:
             if fd >= 0:
-                os.close(fd)
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, QbhubError):
+                with suppress(OSError):
+                    os.close(fd)
+            if ours:
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, QbhubError) and ours:
                 raise type(exc)(f"{exc}; restore aborted, {target} was not written") from None
             raise
         return {
@@ -241,6 +258,45 @@ class VolumeRestore:
         if group:
             out.write(group_start, group)
         return written
+
+
+def remove_stale_partials(directory: Path) -> list[str]:
+    """Remove partial restore files in `directory` left by processes that no longer run.
+
+    Only regular files named `.NAME.qbhub-partial-PID-XXXXXXXX` whose PID is not a live process
+    are removed (never followed through a symlink); the names removed are returned. A live PID
+    (a restore in progress, or a reused PID) keeps its file. Errors are ignored: this is tidying.
+    """
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(directory) if PARTIAL_MARK in n]
+    except OSError:
+        return removed
+    for name in names:
+        match = PARTIAL_NAME.fullmatch(name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = directory / name
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless no process has this PID (a process we may not signal still counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _existing_mode(path: Path) -> int | None:
