@@ -1,9 +1,10 @@
-"""thin_delta parsing (on real thin_delta output of thin_restore-made metadata) and the LVM thin
-provider's commands (against a recording runner: no device-mapper on the test machines, so the
-provider itself never runs against a live pool here)."""
+"""thin_delta parsing (on real thin_delta output of thin_restore-made metadata), the LVM thin
+provider's commands (against a recording runner) and Qubes' LVM naming. The provider on a live
+pool, in a VM with device-mapper: tests/test_lvm_vm.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import shutil
@@ -17,9 +18,19 @@ import pytest
 
 from qubes_backup_hub.errors import UsageError
 from qubes_backup_hub.snapshot import VolumeRef
+from qubes_backup_hub.snapshots.qubeslvm import (
+    LvInfo,
+    history_since,
+    is_qbhub_view,
+    kept_name,
+    lvs_argv,
+    parse_lvs,
+    qubes_base,
+)
 from qubes_backup_hub.snapshots.ranges import RangeList
 from qubes_backup_hub.snapshots.thin import CommandRunner, LvmThinProvider, dm_name
 from qubes_backup_hub.snapshots.thindelta import ThinDeltaError, parse_thin_delta
+from qubes_backup_hub.snapshots.viewrecord import read_record, write_record
 
 BLOCK_SECTORS = 128  # 64 KiB data blocks
 BLOCK = BLOCK_SECTORS * 512
@@ -146,28 +157,51 @@ def test_malformed_output_is_refused(bad: bytes) -> None:
 
 
 class RecordingRunner(CommandRunner):
-    """Answers lvs from a table, runs the real thin_delta on a metadata file, records argv."""
+    """A volume group in a dict: answers lvs, lvcreate, lvrename, lvremove like LVM would, runs the
+    real thin_delta on a metadata file, records every argv."""
 
-    def __init__(self, meta: Path, lvs: dict[str, str]) -> None:
-        self.meta, self.lvs, self.calls = meta, lvs, []  # type: list[list[str]]
+    def __init__(self, meta: Path, size: int) -> None:
+        self.meta, self.size, self.calls = meta, size, []  # type: list[list[str]]
+        self.next_id = 1
+        # name -> (thin ID, origin, creation time); the pool and the volume itself
+        self.lvs: dict[str, tuple[int | None, str, int]] = {"pool00": (None, "", 100)}
+        self.lvs["vm-work-private"] = (self._new_id(), "", 100)
+        self.now = 1000
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _row(self, name: str) -> str:
+        thin_id, origin, time = self.lvs[name]
+        if thin_id is None:
+            return f"  {name}||{16 * self.size}|||{time}|twi-aotz--|12.5|3.1"
+        return f"  {name}|{thin_id}|{self.size}|pool00|{origin}|{time}|Vwi-a-tz--|50.0|"
 
     def run(self, argv: list[str]) -> str:
         self.calls.append(argv)
         if argv[0] == "lvs":
-            lv = argv[-1].split("/")[1]
-            for prefix, answer in self.lvs.items():
-                if lv.startswith(prefix):
-                    return answer
-            raise UsageError(f"lvs: {lv} not found")
+            target = argv[-1]
+            if "/" not in target:
+                return "\n".join(self._row(n) for n in self.lvs) + "\n"
+            lv = target.split("/")[1]
+            if lv not in self.lvs:
+                raise UsageError(f"lvs: {lv} not found")
+            return self._row(lv) + "\n"
+        if argv[0] == "lvcreate":
+            origin = argv[-1].split("/")[1]
+            self.now += 10
+            self.lvs[argv[argv.index("--name") + 1]] = (self._new_id(), origin, self.now)
         if argv[0] == "lvrename":
-            self.lvs[argv[3]] = self.lvs.pop("vm-work-private-qbhub-new")
+            self.lvs[argv[3]] = self.lvs.pop(argv[2])
+        if argv[0] == "lvremove":
+            del self.lvs[argv[-1].split("/")[1]]
         return ""
 
     @contextmanager
     def stream(self, argv: list[str]) -> Iterator[IO[bytes]]:
         self.calls.append(argv)
-        left, right = argv[argv.index("--snap1") + 1], argv[argv.index("--snap2") + 1]
-        yield io.BytesIO(thin_delta_output(self.meta, int(left), int(right)))
+        yield io.BytesIO(thin_delta_output(self.meta, 1, 2))  # the pair in the metadata file
 
 
 @NEEDS_TOOLS
@@ -176,21 +210,29 @@ def test_lvm_thin_provider_commands_and_ranges(
 ) -> None:
     meta, remapped = pair_10g
     size = 10 * (1 << 30)
-    runner = RecordingRunner(meta, {"vm-work-private-qbhub-new": f"  1,{size},pool00\n"})
+    runner = RecordingRunner(meta, size)
     ref = VolumeRef("private", "/dev/qubes_dom0/vm-work-private", archive_id="ab" * 16)
     first = LvmThinProvider(ref, str(tmp_path), runner)
     view = first.take()
     assert view.changed_ranges is None and "no view is kept" in view.note
-    assert view.path.startswith("/dev/qubes_dom0/vm-work-private-qbhub-new-")
+    assert view.path.startswith("/dev/qubes_dom0/vm-work-private-qbn")
+    assert view.path.endswith("-snap")  # hidden from Qubes' volume list, like Qubes' own -snap
     new_lv = view.path.rsplit("/", 1)[1]
-    assert runner.calls[0] == ["lvcreate", "--snapshot", "--name", new_lv, "--setactivationskip",
-                               "n", "--activate", "y", "qubes_dom0/vm-work-private"]  # fmt: skip
+    assert runner.calls[0] == lvs_argv("qubes_dom0")
+    assert runner.calls[1] == [
+        "lvcreate", "--snapshot", "--name", new_lv, "--permission", "r", "--setactivationskip",
+        "y", "--ignoreactivationskip", "--activate", "y", "--addtag", "qbhub-view",
+        "qubes_dom0/vm-work-private"]  # fmt: skip
     first.commit("20240101T000000Z")
-    assert ["lvrename", "qubes_dom0", new_lv, "vm-work-private-qbhub-abababababababab"] in (
-        runner.calls
-    )
-    assert runner.lvs == {"vm-work-private-qbhub-abababababababab": f"  1,{size},pool00\n"}
-    runner.lvs["vm-work-private-qbhub-new"] = f"2,{size},pool00"  # the next snapshot: thin ID 2
+    kept = "vm-work-private-qbkabababababababab-snap"
+    assert ["lvchange", "--activate", "n", f"qubes_dom0/{new_lv}"] in runner.calls
+    assert ["lvrename", "qubes_dom0", new_lv, kept] in runner.calls
+    assert set(runner.lvs) == {"pool00", "vm-work-private", kept}
+    # The pair in the metadata file is thin IDs 1 and 2: make the kept view 1, the next one 2.
+    runner.lvs[kept] = (1, "vm-work-private", runner.lvs[kept][2])
+    runner.next_id = 2
+    record_path = str(tmp_path / "qubes_dom0--vm-work-private--abababababababab.json")
+    write_record(record_path, dataclasses.replace(read_record(record_path), identity=1))
     runner.calls.clear()
     second = LvmThinProvider(ref, str(tmp_path), runner)
     view = second.take()
@@ -201,6 +243,87 @@ def test_lvm_thin_provider_commands_and_ranges(
     assert ["thin_delta", "--metadata-snap", "--snap1", "1", "--snap2", "2",
             "/dev/mapper/qubes_dom0-pool00_tmeta"] in runner.calls  # fmt: skip
     assert runner.calls[-1] == ["dmsetup", "message", tpool, "0", "release_metadata_snap"]
+    assert not list(tmp_path.glob("*.metadata-snap"))  # the marker goes with the release
     second.abort()
     assert runner.calls[-1][:2] == ["lvremove", "--force"]
     assert dm_name("my-vg", "pool-1") == "my--vg-pool--1"
+
+
+def test_a_failing_snapshot_reads_the_volume_whole_and_drops_the_kept_view(
+    tmp_path: Path,
+) -> None:
+    class FullPool(RecordingRunner):
+        def run(self, argv: list[str]) -> str:
+            if argv[0] == "lvcreate":
+                self.calls.append(argv)
+                raise UsageError("lvcreate failed: Cannot create new thin volume, free space in "
+                                 "thin pool qubes_dom0/pool00 reached threshold.")  # fmt: skip
+            return super().run(argv)
+
+    runner = FullPool(tmp_path / "unused", 1 << 30)
+    runner.lvs["vm-work-private-qbk00-snap"] = (7, "vm-work-private", 50)
+    ref = VolumeRef("private", "/dev/qubes_dom0/vm-work-private", archive_id="00")
+    provider = LvmThinProvider(ref, str(tmp_path), runner)
+    view = provider.take()
+    assert view.path == "/dev/qubes_dom0/vm-work-private" and view.changed_ranges is None
+    assert "cannot snapshot" in view.note and "reached threshold" in view.note
+    provider.commit("s1")
+    assert "vm-work-private-qbk00-snap" not in runner.lvs  # its blocks go back to the pool
+
+
+QUBES_LVS = {
+    # name: (origin, creation time)
+    "vm-work-private-qbk00-snap": ("vm-work-private", 1000),  # the kept view, made at 1000
+}
+
+
+def _table(rows: dict[str, tuple[str, int]]) -> dict[str, LvInfo]:
+    return {n: LvInfo(n, i, 1 << 30, "vm-pool", o, t, "Vwi-a-tz--")
+            for i, (n, (o, t)) in enumerate(rows.items())}  # fmt: skip
+
+
+def test_qubes_history_normal_stop_is_not_a_revert() -> None:
+    # VM started at 1100 (-snap cloned from the volume), stopped at 1200: volume renamed to
+    # -1200-back, -snap renamed to the volume.
+    table = _table({"vm-work-private": ("vm-work-private-1200-back", 1100),
+                    "vm-work-private-1200-back": ("", 900)})  # fmt: skip
+    assert history_since(table, "vm-work-private", 1000) == ""
+
+
+def test_qubes_history_revert_is_seen() -> None:
+    # Reverted at 1300 to the revision made at 1200: the volume is a clone of -1200-back.
+    table = _table({"vm-work-private": ("vm-work-private-1200-back", 1300),
+                    "vm-work-private-1200-back": ("vm-work-private-1100-back", 1100)})  # fmt: skip
+    assert "reverted to revision vm-work-private-1200-back" in history_since(
+        table, "vm-work-private", 1000
+    )
+    # ... also after the VM ran again since (start 1400, stop 1500): the walk goes back.
+    table = _table({"vm-work-private": ("vm-work-private-1500-back", 1400),
+                    "vm-work-private-1500-back": ("vm-work-private-1200-back", 1300),
+                    "vm-work-private-1200-back": ("", 1100)})  # fmt: skip
+    assert "reverted" in history_since(table, "vm-work-private", 1000)
+    # A revert before the kept view was made is history the last backup already saw.
+    assert history_since(table, "vm-work-private", 1350) == ""
+
+
+def test_qubes_history_clone_of_another_volume_is_seen() -> None:
+    table = _table({"vm-work-private": ("vm-other-private", 1300)})
+    assert "replaced by a clone of vm-other-private" in history_since(
+        table, "vm-work-private", 1000
+    )
+
+
+def test_qubes_names() -> None:
+    assert qubes_base("vm-work-private-snap") == "vm-work-private"
+    assert qubes_base("vm-work-private-1700000000-back") == "vm-work-private"
+    assert qubes_base("vm-work-private-qbk0123abcd-snap") == "vm-work-private"
+    assert qubes_base("vm-work-private-import") == "vm-work-private"
+    assert kept_name("vm-work-private", "ab").endswith("-snap")
+    assert is_qbhub_view(kept_name("vm-a-private", "0f"))
+    assert not is_qbhub_view("vm-a-private-snap")
+    row = "  vm-a-private|3|1073741824|vm-pool|vm-a-private-1-back|1700000000|Vwi-a-tz--|5.00|"
+    info = parse_lvs(row)["vm-a-private"]
+    assert (info.thin_id, info.size, info.pool, info.time) == (3, 1 << 30, "vm-pool", 1700000000)
+    assert info.is_thin_volume and info.active
+    with pytest.raises(ValueError):
+        parse_lvs("garbage")

@@ -1,23 +1,37 @@
 """The LVM thin snapshot provider, for Qubes' default pool (``/dev/VG/LV`` thin volumes in dom0).
 
-NOT RUN ON A LIVE POOL IN THIS PROJECT'S CI: the test machines have no device-mapper. What is
-tested is the command construction (against a recording runner) and the change parsing, on real
-`thin_delta` output from metadata files built with `thin_restore` (tests/test_thin_delta.py).
+Tested for real in a virtual machine with device-mapper (tests/test_lvm_vm.py: a pool laid out
+as Qubes lays it out, Qubes' own lvm command lines, the real CLI), and its command lines and
+parsing without one (tests/test_thin_delta.py).
 
-take():   ``lvcreate --snapshot`` of the volume (a thin snapshot: no size given), which the backup
-          reads; then, if a snapshot is kept from the previous backup to this archive, a metadata
-          snapshot of the pool (``dmsetup message ... reserve_metadata_snap``), ``thin_delta -m``
-          between the kept snapshot's and the new one's thin IDs, parsed as a stream
-          (`thindelta.parse_thin_delta`), and ``release_metadata_snap``.
-commit(): remove the old kept snapshot, rename the new one to the kept name, write the sidecar
-          (`viewrecord.ViewRecord`, in the qbhub state directory) recording its thin ID.
-abort():  remove the new snapshot.
-Any doubt (no sidecar, damaged, another archive, thin ID or size mismatch, a failing command,
-unparseable output) gives changed_ranges None: the engine scans the whole volume.
+take():   one ``lvs`` of the VG; ``lvcreate --snapshot`` of the volume (a thin snapshot, read-only,
+          skipped at activation), which the backup reads: a point-in-time view, so writes to the
+          volume meanwhile (a running VM, Qubes committing or removing revisions) never tear it.
+          Then, if a view is kept from the previous backup to this archive and nothing about it
+          is in doubt, under a per-pool lock: a pool metadata snapshot (``dmsetup message ...
+          reserve_metadata_snap``), ``thin_delta -m`` between the kept view's and the new one's
+          thin IDs, parsed as a stream (`thindelta.parse_thin_delta`), ``release_metadata_snap``.
+commit(): deactivate the new view, remove the old kept one, rename the new one to the kept name
+          (`qubeslvm.kept_name`), write the sidecar (`viewrecord.ViewRecord`, in the qbhub state
+          directory) recording its thin ID.
+abort():  remove the new view.
+
+Any doubt gives changed_ranges None with a note (the engine then scans the whole volume): no
+sidecar, a damaged or foreign one, a kept view missing, resized or with another thin ID, a volume
+that Qubes reverted or replaced since (`qubeslvm.history_since`), a size change, a pool metadata
+snapshot held by another program, a failing command or unparseable output. When no snapshot can
+be made at all (a full pool, an LV that is not thin) the volume itself is read, whole, with a
+note; the kept view is then dropped at commit, which also gives its blocks back to the pool.
+
+Which state of a Qubes volume: the QubesPlatform passes the committed volume
+(``/dev/VG/vm-NAME-VOL``): for a running VM that is the state of its last shutdown (it writes
+to ``-snap``). Passing ``...-snap`` backs up the live state, crash-consistent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import secrets
@@ -28,6 +42,7 @@ from typing import IO
 
 from ..errors import QbhubError, UsageError
 from ..snapshot import SnapshotProvider, SnapshotView, VolumeRef
+from .qubeslvm import LvInfo, history_since, kept_name, lvs_argv, new_name, parse_lvs
 from .ranges import Range
 from .thindelta import parse_thin_delta
 from .viewrecord import ViewRecord, ViewRecordError, read_record, write_record
@@ -40,23 +55,27 @@ class CommandRunner:
 
     def run(self, argv: list[str]) -> str:
         """Run `argv`; return its stdout; raise UsageError with its stderr on failure."""
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        env = {**os.environ, "LC_ALL": "C"}
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
-            raise UsageError(f"{argv[0]} failed: {proc.stderr.strip()[:300]}")
+            err = " ".join(proc.stderr.split())
+            raise UsageError(f"{argv[0]} failed: {err[:300]}")
         return proc.stdout
 
     @contextmanager
     def stream(self, argv: list[str]) -> Iterator[IO[bytes]]:
         """Run `argv` with its stdout as a binary stream; raise if it fails."""
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         try:
             yield proc.stdout
         finally:
             proc.stdout.close()
+            err = proc.stderr.read(2000).decode(errors="replace")
+            proc.stderr.close()
             rc = proc.wait()
         if rc != 0:
-            raise UsageError(f"{argv[0]} exited {rc}")
+            raise UsageError(f"{argv[0]} exited {rc}: {' '.join(err.split())[:300]}")
 
 
 def dm_name(vg: str, lv: str) -> str:
@@ -84,34 +103,44 @@ class LvmThinProvider(SnapshotProvider):
         self.volume = volume
         self.vg, self.lv = parsed
         self.runner = runner or CommandRunner()
-        tag = (volume.archive_id or "unknown")[:16]
-        self.kept_lv = f"{self.lv}-qbhub-{tag}"
+        self.records_dir = records_dir
+        tag = (volume.archive_id or "0")[:16].lower()
+        if not re.fullmatch(r"[0-9a-f]{1,16}", tag):
+            tag = "0"
+        self.kept_lv = kept_name(self.lv, tag)
         self.record_path = os.path.join(records_dir, f"{self.vg}--{self.lv}--{tag}.json")
         self.new_lv: str | None = None
         self.new_thin_id = -1
         self.new_size = 0
+        self.drop_kept = False  # no snapshot could be made: the kept view is stale, drop it
 
-    def _lv_info(self, lv: str) -> tuple[int, int, str]:
-        """(thin ID, size in bytes, pool LV) of VG/lv, from `lvs`."""
-        out = self.runner.run(
-            ["lvs", "--noheadings", "--nosuffix", "--units", "b", "--separator", ",",
-             "--options", "thin_id,lv_size,pool_lv", f"{self.vg}/{lv}"]
-        )  # fmt: skip
-        fields = [f.strip() for f in out.strip().split(",")]
-        if len(fields) != 3 or not fields[0].isdigit() or not fields[1].isdigit() or not fields[2]:
-            raise UsageError(f"{self.vg}/{lv} is not a thin volume (lvs said {out.strip()!r})")
-        return int(fields[0]), int(fields[1]), fields[2]
+    # -- the SnapshotProvider interface --------------------------------------------------------
 
     def take(self) -> SnapshotView:
-        new_lv = f"{self.lv}-qbhub-new-{secrets.token_hex(4)}"
-        self.runner.run(
-            ["lvcreate", "--snapshot", "--name", new_lv, "--setactivationskip", "n",
-             "--activate", "y", f"{self.vg}/{self.lv}"]
-        )  # fmt: skip
+        try:
+            table = self._lvs(self.vg)
+        except UsageError as exc:
+            return self._direct(f"{self.volume.path} is not an LVM volume ({exc})")
+        source = table.get(self.lv)
+        if source is None or not source.is_thin_volume:
+            return self._direct(f"{self.vg}/{self.lv} is not a thin volume")
+        new_lv = new_name(self.lv, secrets.token_hex(4))
+        try:
+            self.runner.run(
+                ["lvcreate", "--snapshot", "--name", new_lv, "--permission", "r",
+                 "--setactivationskip", "y", "--ignoreactivationskip", "--activate", "y",
+                 "--addtag", "qbhub-view", f"{self.vg}/{self.lv}"]
+            )  # fmt: skip
+        except UsageError as exc:
+            pool = table.get(source.pool)
+            return self._direct(f"cannot snapshot {self.vg}/{self.lv} ({exc}){_fullness(pool)}")
         self.new_lv = new_lv
         try:
-            self.new_thin_id, self.new_size, pool = self._lv_info(new_lv)
-            changed, base, note = self._changes(pool)
+            new = self._lvs(f"{self.vg}/{new_lv}").get(new_lv)
+            if new is None or new.thin_id is None:
+                raise UsageError(f"the new snapshot {self.vg}/{new_lv} is not a thin volume")
+            self.new_thin_id, self.new_size = new.thin_id, new.size
+            changed, base, note = self._changes(table, source)
         except BaseException:
             self.abort()
             raise
@@ -123,54 +152,24 @@ class LvmThinProvider(SnapshotProvider):
             note=note,
         )
 
-    def _changes(self, pool: str) -> tuple[list[Range] | None, str | None, str]:
-        if not self.volume.archive_id:
-            return None, None, "the archive ID is unknown"
-        try:
-            record = read_record(self.record_path)
-        except ViewRecordError as exc:
-            return None, None, f"kept snapshot unusable: {exc}"
-        if record.archive_id != self.volume.archive_id or record.view != self.kept_lv:
-            return None, None, "kept snapshot unusable: it belongs to another archive or volume"
-        try:
-            old_id, old_size, _ = self._lv_info(self.kept_lv)
-            if old_id != record.identity:
-                return None, None, "kept snapshot unusable: its thin ID changed"
-            if not old_size == record.size == self.new_size:
-                return None, None, "the volume changed size since the last backup"
-            ranges = self.thin_delta(pool, old_id, self.new_thin_id)
-        except QbhubError as exc:
-            return None, None, f"thin_delta unusable: {exc}"
-        clipped = [(o, min(n, self.new_size - o)) for o, n in ranges if o < self.new_size]
-        return clipped, record.base_session, ""
-
-    def thin_delta(self, pool: str, left: int, right: int) -> list[Range]:
-        """Changed byte ranges between two thin IDs of `pool`, via a pool metadata snapshot."""
-        tpool = f"/dev/mapper/{dm_name(self.vg, pool)}-tpool"
-        tmeta = f"/dev/mapper/{dm_name(self.vg, pool)}_tmeta"
-        self.runner.run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
-        try:
-            argv = ["thin_delta", "--metadata-snap", "--snap1", str(left), "--snap2", str(right),
-                    tmeta]  # fmt: skip
-            with self.runner.stream(argv) as out:
-                delta = parse_thin_delta(out)
-        finally:
-            self.runner.run(["dmsetup", "message", tpool, "0", "release_metadata_snap"])
-        if (delta.left, delta.right) != (left, right):
-            raise UsageError("thin_delta compared other devices than asked")
-        return delta.changed
-
     def commit(self, session_id: str) -> None:
         if self.new_lv is None:
+            if self.drop_kept:
+                self._drop_kept_view()
             return
         if not self.volume.archive_id:
             self.abort()
             return
-        if self._kept_exists():
-            self.runner.run(["lvremove", "--force", f"{self.vg}/{self.kept_lv}"])
-        self.runner.run(["lvrename", self.vg, self.new_lv, self.kept_lv])
-        self.new_lv = None
-        os.makedirs(os.path.dirname(self.record_path), mode=0o700, exist_ok=True)
+        new_lv, self.new_lv = self.new_lv, None
+        try:
+            self.runner.run(["lvchange", "--activate", "n", f"{self.vg}/{new_lv}"])
+            self._remove_kept()
+            self.runner.run(["lvrename", self.vg, new_lv, self.kept_lv])
+        except BaseException:
+            self.new_lv = new_lv
+            self.abort()
+            raise
+        os.makedirs(self.records_dir, mode=0o700, exist_ok=True)
         write_record(
             self.record_path,
             ViewRecord(
@@ -183,14 +182,129 @@ class LvmThinProvider(SnapshotProvider):
             ),
         )
 
-    def _kept_exists(self) -> bool:
-        try:
-            self._lv_info(self.kept_lv)
-        except UsageError:
-            return False
-        return True
-
     def abort(self) -> None:
         if self.new_lv is not None:
             lv, self.new_lv = self.new_lv, None
             self.runner.run(["lvremove", "--force", f"{self.vg}/{lv}"])
+
+    # -- change detection ----------------------------------------------------------------------
+
+    def _changes(
+        self, table: dict[str, LvInfo], source: LvInfo
+    ) -> tuple[list[Range] | None, str | None, str]:
+        if not self.volume.archive_id:
+            return None, None, "the archive ID is unknown"
+        try:
+            record = read_record(self.record_path)
+        except ViewRecordError as exc:
+            return None, None, f"kept snapshot unusable: {exc}"
+        if record.archive_id != self.volume.archive_id or record.view != self.kept_lv:
+            return None, None, "kept snapshot unusable: it belongs to another archive or volume"
+        kept = table.get(self.kept_lv)
+        if kept is None:
+            return None, None, f"kept snapshot unusable: {self.vg}/{self.kept_lv} is gone"
+        if kept.thin_id != record.identity or kept.pool != source.pool:
+            return None, None, "kept snapshot unusable: it was replaced (its thin ID changed)"
+        if not kept.size == record.size == self.new_size:
+            if kept.size != record.size:
+                return None, None, "kept snapshot unusable: it was resized"
+            return None, None, "the volume changed size since the last backup"
+        history = history_since(table, self.lv, kept.time)
+        if history:
+            return None, None, f"{history} since the last backup"
+        try:
+            ranges = self.thin_delta(source.pool, kept.thin_id, self.new_thin_id)
+        except QbhubError as exc:
+            return None, None, f"thin_delta unusable: {exc}"
+        clipped = [(o, min(n, self.new_size - o)) for o, n in ranges if o < self.new_size]
+        return clipped, record.base_session, ""
+
+    def thin_delta(self, pool: str, left: int, right: int) -> list[Range]:
+        """Changed byte ranges between two thin IDs of `pool`, via a pool metadata snapshot.
+
+        The pool has one metadata snapshot slot. Under a per-pool lock (one qbhub at a time), a
+        marker file says qbhub holds it; a marker found under the lock means a qbhub died holding
+        it, so it is released first. A snapshot held by anything else is left alone (and this
+        backup scans the whole volume).
+        """
+        tpool = f"/dev/mapper/{dm_name(self.vg, pool)}-tpool"
+        tmeta = f"/dev/mapper/{dm_name(self.vg, pool)}_tmeta"
+        os.makedirs(self.records_dir, mode=0o700, exist_ok=True)
+        base = os.path.join(self.records_dir, f"{self.vg}--{pool}")
+        marker = base + ".metadata-snap"
+        with _pool_lock(base + ".lock"):
+            if os.path.exists(marker):
+                with contextlib.suppress(UsageError):
+                    self.runner.run(["dmsetup", "message", tpool, "0", "release_metadata_snap"])
+                os.unlink(marker)
+            with open(marker, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            try:
+                self.runner.run(["dmsetup", "message", tpool, "0", "reserve_metadata_snap"])
+            except UsageError:
+                os.unlink(marker)
+                raise UsageError(
+                    f"the pool {self.vg}/{pool} has a metadata snapshot held by another program "
+                    f"(if none should, free it: dmsetup message {tpool} 0 release_metadata_snap)"
+                ) from None
+            try:
+                argv = ["thin_delta", "--metadata-snap", "--snap1", str(left), "--snap2",
+                        str(right), tmeta]  # fmt: skip
+                with self.runner.stream(argv) as out:
+                    delta = parse_thin_delta(out)
+            finally:
+                self.runner.run(["dmsetup", "message", tpool, "0", "release_metadata_snap"])
+                os.unlink(marker)
+        if (delta.left, delta.right) != (left, right):
+            raise UsageError("thin_delta compared other devices than asked")
+        return delta.changed
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _lvs(self, target: str) -> dict[str, LvInfo]:
+        out = self.runner.run(lvs_argv(target))
+        try:
+            return parse_lvs(out)
+        except ValueError as exc:
+            raise UsageError(f"lvs: {exc}") from None
+
+    def _direct(self, why: str) -> SnapshotView:
+        """No snapshot: read the volume itself, whole, and drop the kept view at commit."""
+        self.drop_kept = True
+        return SnapshotView(
+            path=self.volume.path,
+            changed_ranges=None,
+            provider=self.name,
+            note=f"{why}; reading the volume itself, whole",
+        )
+
+    def _remove_kept(self) -> None:
+        with contextlib.suppress(UsageError):  # not there: nothing to remove
+            if self.kept_lv in self._lvs(f"{self.vg}/{self.kept_lv}"):
+                self.runner.run(["lvremove", "--force", f"{self.vg}/{self.kept_lv}"])
+
+    def _drop_kept_view(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.record_path)
+        self._remove_kept()
+
+
+def _fullness(pool: LvInfo | None) -> str:
+    if pool is None:
+        return ""
+    parts = []
+    if pool.data_percent is not None and pool.data_percent >= 99.9:
+        parts.append(f"data {pool.data_percent:g}% full")
+    if pool.metadata_percent is not None and pool.metadata_percent >= 99.9:
+        parts.append(f"metadata {pool.metadata_percent:g}% full")
+    return f": pool {pool.name} {', '.join(parts)}" if parts else ""
+
+
+@contextmanager
+def _pool_lock(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
