@@ -1,0 +1,323 @@
+"""The LVM test VM, host side: find (or build) the cached image, start qemu, run commands in it.
+
+The image (`build-image`: Debian 12 kernel, initrd, ext4 root with lvm2, thin-provisioning-tools,
+python3, restic) lives in ``/var/cache/qbhub-testvm/KEY/`` (``$QBHUB_TESTVM_CACHE``), KEY being a
+hash of the build script and the guest files, so it is built once and reused until they change.
+A VM boots it with ``snapshot=on`` (the image is never written), gets sparse data disks of its
+own in a temporary directory (``/dev/vdb``...), the qbhub checkout read-only over 9p at
+``/mnt/qbhub``, no network, and an agent on a virtio serial port (`guest/agent.py`) that runs
+one command at a time. KVM when /dev/kvm can be opened, TCG otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parent.parent
+QEMU = "qemu-system-x86_64"
+GUEST_ENV = {
+    "PYTHONPATH": "/mnt/qbhub:/mnt/qbhub/plugins/native",
+    "PYTHONDONTWRITEBYTECODE": "1",  # the checkout is mounted read-only
+    "QBHUB_HOME": "/root/qbhub-home",
+    "QBHUB_PASSPHRASE": "correct horse battery staple",
+    "LC_ALL": "C.UTF-8",
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QBHUB_TESTVM_CACHE", "/var/cache/qbhub-testvm"))
+
+
+def image_key() -> str:
+    """A hash of everything that goes into the image: the build script and the guest files."""
+    h = hashlib.sha256()
+    for path in [HERE / "build-image", *sorted((HERE / "guest").iterdir())]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def image_dir() -> Path:
+    return cache_root() / image_key()
+
+
+def image_ready(directory: Path | None = None) -> bool:
+    return ((directory or image_dir()) / "complete").is_file()
+
+
+def build_image(log: Path | None = None) -> Path:
+    """Build the image unless it exists (one builder at a time); drop images of older keys."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = image_dir()
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image_ready(target):
+            out = open(log, "w") if log else None  # noqa: SIM115 - closed below
+            try:
+                subprocess.run(
+                    [str(HERE / "build-image"), str(target)], check=True, stdout=out, stderr=out
+                )
+            finally:
+                if out:
+                    out.close()
+        for old in root.iterdir():
+            if old.is_dir() and old != target and len(old.name) == 16:
+                shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def unavailable_reason() -> str | None:
+    """Why the VM cannot run here, or None."""
+    if shutil.which(QEMU) is None:
+        return (
+            f"{QEMU} not installed (.ci/testvm-setup installs qemu-system-x86 and builds the image)"
+        )
+    if not image_ready():
+        return (
+            f"test VM image not built at {image_dir()} (run .ci/testvm-setup, as root, or set "
+            "QBHUB_TESTVM_BUILD=1 to build it on first use)"
+        )
+    return None
+
+
+def kvm_usable() -> bool:
+    """/dev/kvm can be opened and runs ordinary guests. A PVM host (the kvm_pvm module: a
+    pagetable-based hypervisor for nested clouds) runs only PVM-enabled guest kernels; Debian's
+    kernel hangs at boot there, so that counts as no KVM (QBHUB_TESTVM_ACCEL=kvm forces it)."""
+    forced = os.environ.get("QBHUB_TESTVM_ACCEL")
+    if forced:
+        return forced == "kvm"
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return False
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@dataclass
+class GuestResult:
+    rc: int
+    stdout: str
+    stderr: str
+    secs: float
+
+
+class GuestError(AssertionError):
+    """A command in the VM failed (or the VM stopped answering)."""
+
+
+class TestVM:
+    """One running VM. `run` a command in it; `stop` powers it off and removes its files."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(
+        self,
+        image: Path,
+        *,
+        memory_mib: int = 1536,
+        cpus: int = 2,
+        disks_gib: Sequence[int] = (24,),
+        share: Path = CHECKOUT,
+        workdir: str | None = None,
+        disk_cache: str = "unsafe",
+    ) -> None:
+        self.image = image
+        self.memory_mib = memory_mib
+        self.cpus = cpus
+        self.disks_gib = list(disks_gib)
+        self.share = share
+        self.disk_cache = disk_cache  # "unsafe": fast tests; "none": no host page cache (bench)
+        self.tmp = Path(tempfile.mkdtemp(prefix="qbhub-testvm-", dir=workdir))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+        self._buf = b""
+        self._next_id = 0
+        self.accel = "kvm" if kvm_usable() else "tcg"
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def argv(self) -> list[str]:
+        img = self.image
+        argv = [
+            QEMU, "-machine", f"q35,accel={self.accel}",
+            "-cpu", "host,-arch-capabilities" if self.accel == "kvm" else "max",
+            "-m", str(self.memory_mib), "-smp", str(self.cpus),
+            "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
+            "-append", "root=/dev/vda rw console=ttyS0 init=/sbin/qbhub-init quiet panic=-1",
+            "-drive", f"file={img / 'rootfs.img'},if=virtio,format=raw,snapshot=on",
+            "-virtfs", f"local,path={self.share},mount_tag=qbhub,security_model=none,readonly=on",
+            "-chardev", f"socket,id=agent,path={self.tmp / 'agent.sock'},server=on,wait=off",
+            "-device", "virtio-serial-pci",
+            "-device", "virtserialport,chardev=agent,name=org.qbhub.agent",
+            "-serial", f"file:{self.tmp / 'console.log'}",
+            "-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot",
+        ]  # fmt: skip
+        for n, size in enumerate(self.disks_gib):
+            disk = self.tmp / f"data{n}.img"
+            with open(disk, "wb") as f:
+                f.truncate(size << 30)  # sparse: only what the VM writes takes host space
+            argv += [
+                "-drive",
+                f"file={disk},if=virtio,format=raw,cache={self.disk_cache},discard=unmap",
+            ]
+        return argv
+
+    def start(self, boot_timeout: float | None = None) -> TestVM:
+        boot_timeout = boot_timeout or (90 if self.accel == "kvm" else 600)
+        log = open(self.tmp / "qemu.log", "wb")  # noqa: SIM115 - kept for the VM's life
+        self.proc = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + boot_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise GuestError(f"qemu exited {self.proc.returncode}: {self._logs()}")
+            try:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(self.tmp / "agent.sock"))
+                self.sock = s
+                break
+            except OSError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise GuestError(
+                        f"qemu did not open its agent socket: {self._logs()}"
+                    ) from None
+                time.sleep(0.1)
+        while not self._ping(2.0):  # the agent answers once it has opened its port
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                logs = self._logs()
+                self.stop()
+                raise GuestError(f"the VM's agent did not answer: {logs}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError, GuestError, TimeoutError):
+                self._request({"op": "poweroff"}, timeout=10)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> TestVM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _logs(self) -> str:
+        out = []
+        for name in ("qemu.log", "console.log"):
+            with contextlib.suppress(OSError):
+                out.append(f"[{name}] " + (self.tmp / name).read_text(errors="replace")[-3000:])
+        return "\n".join(out)
+
+    # -- the agent ----------------------------------------------------------------------------
+
+    def _ping(self, timeout: float) -> bool:
+        try:
+            self._request({"op": "ping"}, timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _request(self, req: dict[str, object], timeout: float) -> dict[str, object]:
+        assert self.sock is not None
+        self._next_id += 1
+        req_id = self._next_id
+        self.sock.sendall((json.dumps({**req, "id": req_id}) + "\n").encode())
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                reply = json.loads(line)
+                if reply.get("id") == req_id:
+                    return reply
+                # a late answer to an earlier (timed-out) ping: drop it
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer from the VM in {timeout} s")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise GuestError(f"the VM closed its agent channel: {self._logs()}")
+            self._buf += chunk
+
+    def run(
+        self,
+        cmd: str | Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 600,
+        input: bytes | None = None,
+        env: dict[str, str] | None = None,
+    ) -> GuestResult:
+        """Run `cmd` in the VM (a string: /bin/sh -e script) with qbhub's environment."""
+        req: dict[str, object] = {"timeout": timeout, "env": {**GUEST_ENV, **(env or {})}}
+        if isinstance(cmd, str):
+            req["sh"] = cmd
+        else:
+            req["argv"] = list(cmd)
+        if input is not None:
+            req["input"] = base64.b64encode(input).decode()
+        reply = self._request(req, timeout=timeout + 30)
+        result = GuestResult(
+            rc=int(reply["rc"]),  # type: ignore[call-overload]
+            stdout=base64.b64decode(str(reply.get("out", ""))).decode(errors="replace"),
+            stderr=base64.b64decode(str(reply.get("err", ""))).decode(errors="replace"),
+            secs=float(reply.get("secs", 0.0)),  # type: ignore[arg-type]
+        )
+        if check and result.rc != 0:
+            raise GuestError(
+                f"in the VM: {cmd!r} exited {result.rc}\n--- stdout\n{result.stdout[-4000:]}"
+                f"\n--- stderr\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def qbhub(self, *args: str, check: bool = True, timeout: float = 600) -> GuestResult:
+        """The real qbhub CLI in the VM, from the mounted checkout."""
+        return self.run(["python3", "-m", "qubes_backup_hub", *args], check=check, timeout=timeout)
+
+    def qbhub_json(self, *args: str, timeout: float = 600) -> dict[str, object]:
+        return json.loads(self.qbhub(*args, "--json", timeout=timeout).stdout)
+
+
+@contextlib.contextmanager
+def running_vm(**kwargs: object) -> Iterator[TestVM]:
+    """A started VM on the cached image (built first when QBHUB_TESTVM_BUILD=1)."""
+    if not image_ready() and os.environ.get("QBHUB_TESTVM_BUILD") == "1":
+        build_image()
+    vm = TestVM(image_dir(), **kwargs)  # type: ignore[arg-type]
+    vm.start()
+    try:
+        yield vm
+    finally:
+        vm.stop()
