@@ -15,10 +15,11 @@ from ..engine import Engine, EngineContext
 from ..passphrase import PassphraseSource
 from ..progress import Progress
 from ..registry import Registry, load_registry
-from ..safety.rollback import default_home
+from ..safety.rollback import ArchiveFacts, default_home
 from ..store.base import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
+DEFAULT_LOCK_WAIT = 60.0  # seconds a command waits for another one's archive lock
 
 
 @dataclass
@@ -26,6 +27,8 @@ class CliState:
     """Lazily built objects shared by the commands of one invocation."""
 
     json_output: bool = False
+    allow_unencrypted: bool = False
+    lock_wait: float = DEFAULT_LOCK_WAIT
     _registry: Registry | None = field(default=None, repr=False)
 
     @property
@@ -49,6 +52,8 @@ class CliState:
             progress=Progress(enabled=None if not self.json_output else False),
             new_passphrase=new_passphrase,
             options=options or {},
+            allow_unencrypted=self.allow_unencrypted,
+            announce=announce_first_contact,
         )
         return self.registry.engine(name).create(context)
 
@@ -57,7 +62,9 @@ class CliState:
         return PassphraseSource(file=passphrase_file).will_prompt()
 
     def store(self, url: str) -> Store:
-        return self.registry.open_store(url)
+        store = self.registry.open_store(url)
+        store.lock_wait = self.lock_wait
+        return store
 
     def emit(self, result: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
         """Print `result` as JSON (with --json) or as the human text `human` makes of it."""
@@ -68,8 +75,41 @@ class CliState:
             click.echo(human(result))
 
 
+def announce_first_contact(facts: ArchiveFacts) -> None:
+    """Print the one line that lets a user tell this archive (and which copy of it) apart."""
+    click.echo(f"qbhub: first contact with {facts.line()}", err=True)
+
+
+def _set_state(attribute: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            setattr(ctx.ensure_object(CliState), attribute, value)
+        return value
+
+    return callback
+
+
 def archive_options(func: F) -> F:
-    """--dest, --engine, --passphrase-file and --json, shared by every archive command."""
+    """--dest, --engine, --passphrase-file, --json, --allow-unencrypted and --lock-wait, shared
+    by every archive command."""
+    func = click.option(
+        "--lock-wait",
+        type=click.FloatRange(0, 86400),
+        default=None,
+        expose_value=False,
+        callback=_set_state("lock_wait"),
+        metavar="SECONDS",
+        help=f"Wait this long for another qbhub command's lock (default {DEFAULT_LOCK_WAIT:g}).",
+    )(func)
+    func = click.option(
+        "--allow-unencrypted",
+        is_flag=True,
+        default=None,
+        expose_value=False,
+        callback=_set_state("allow_unencrypted"),
+        help="Accept an archive that is not encrypted and authenticated under a passphrase. "
+        "Without it such an archive is refused: storage could have swapped it in.",
+    )(func)
     func = click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON.")(
         func
     )
