@@ -848,7 +848,43 @@ def outcomes(
     return results
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# Open defects found by this matrix, recorded (strict: a fixed one fails until removed here).
+BUILDS_ON_DAMAGED_PACK = (
+    "a backup reuses chunks of a pack whose size is right but whose bytes changed "
+    "(checking the pack's hash against its name before reuse is the open design decision)"
+)
+KNOWN_GAPS = {
+    **dict.fromkeys(
+        ["pack1-flip-start-backup", "pack1-flip-mid-backup", "pack2-flip-start-backup",
+         "pack2-flip-mid-backup", "pack2-swap-backup"],
+        BUILDS_ON_DAMAGED_PACK,
+    ),
+    **dict.fromkeys(
+        ["pack1-huge-restore", "pack2-huge-restore"],
+        "volume restore reads ranges of a pack larger than the 64 MiB cap instead of refusing it",
+    ),
+    **dict.fromkeys(
+        ["pack1-huge-extract", "pack2-huge-extract"],
+        "the extractor does not cap pack sizes",
+    ),
+    **dict.fromkeys(
+        ["fanout-fifo-extract", "objects-fifo-extract"],
+        "the extractor reports a FIFO in place of a directory as exit 1, not 3 or 6",
+    ),
+    **dict.fromkeys(
+        ["fanout-symlink-extract", "objects-symlink-extract"],
+        "the extractor follows a symlinked directory out of the archive",
+    ),
+}  # fmt: skip
+
+
+def _param(case: Case) -> object:
+    gap = KNOWN_GAPS.get(case.id)
+    marks = [pytest.mark.xfail(strict=True, reason=gap)] if gap else []
+    return pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
 def test_hostile_matrix(case: Case, outcomes: dict[str, BaseException | None]) -> None:
     """One (object kind, tamper class, command): a correct result or one clean refusal."""
     failure = outcomes[case.id]

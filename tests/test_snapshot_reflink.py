@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHUNK, Qbhub, rewrite_blocks, write_image
+from conftest import CHUNK, Qbhub, Result, rewrite_blocks, write_image
 from loopfs import loop_filesystem
 
 from qubes_backup_hub.platform.local.pools import Pools
@@ -32,6 +32,20 @@ BLOCKS = 256  # 16 MiB volumes: big enough for real extents, small enough to kee
 def fs(request: pytest.FixtureRequest) -> Iterator[tuple[str, Path]]:
     with loop_filesystem(request.param, "1G") as mnt:
         yield request.param, mnt
+
+
+class UnencryptedQbhub(Qbhub):
+    """The CLI runner, opting in to the unencrypted archives these tests make (fast: no KDF)."""
+
+    def run(self, *args: str | Path, **kwargs: Any) -> Result:
+        if "--dest" in args and args[0] != "init":
+            args = (*args, "--allow-unencrypted")
+        return super().run(*args, **kwargs)
+
+
+@pytest.fixture
+def qbhub(qbhub: Qbhub) -> Qbhub:
+    return UnencryptedQbhub(qbhub.home, qbhub.env)
 
 
 @pytest.fixture

@@ -19,13 +19,15 @@ from typing import IO, Any
 import pytest
 from conftest import PASSPHRASE, Qbhub
 
+from qubes_backup_hub.engine import EngineContext
 from qubes_backup_hub.errors import StoreError
 from qubes_backup_hub.jobs.replace_guard import holder_name
 from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
+from qubes_backup_hub.passphrase import PassphraseSource
 from qubes_backup_hub.platform.base import VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
+from qubes_backup_hub.progress import Progress
 from qubes_backup_hub.registry import load_registry
-from qubes_backup_hub.safety.rollback import LocalState
 
 SIZE = "8M"
 MIB = 1 << 20
@@ -411,14 +413,15 @@ def restore_in_process(q: Qbhub, world: World, platform: LocalPlatform, vms: lis
     registry = load_registry()
     store = registry.open_store(str(world.archive))
     try:
-        restore_vms(
-            platform,
-            store,
-            registry.pm.hook,
-            LocalState(q.home),
-            PASSPHRASE.encode(),
-            RestoreRequest(vms=vms, replace=True),
+        context = EngineContext(
+            hook=registry.pm.hook,
+            passphrase=PassphraseSource(env_var=None, value=PASSPHRASE.encode()),
+            state_dir=q.home,
+            progress=Progress(enabled=False),
         )
+        engine = registry.engine("native").create(context)
+        request = RestoreRequest(vms=vms, replace=True)
+        restore_vms(platform, store, registry.pm.hook, engine, request)
     finally:
         store.close()
 
