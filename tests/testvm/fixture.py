@@ -23,6 +23,12 @@ QUBES_LVM = "python3 /mnt/qbhub/tests/testvm/qubes_lvm.py"
 
 
 def vm_or_skip() -> None:
+    if not testvm_mod.kvm_usable() and os.environ.get("QBHUB_TESTVM_ACCEL") != "tcg":
+        pytest.skip(
+            "no usable KVM on this machine (missing, or a PVM host that boots only PVM "
+            "kernels): the LVM VM tests under software emulation take ~25 minutes; set "
+            "QBHUB_TESTVM_ACCEL=tcg to run them anyway"
+        )
     reason = testvm_mod.unavailable_reason()
     if reason is None:
         return
