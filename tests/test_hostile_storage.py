@@ -44,8 +44,9 @@ PACK_FOOTER = struct.Struct("<I8s")
 PAD_TO = 4096
 HUGE = 300 * 1024 * 1024
 WINDOW = 16
-# Peak memory a command may use without having read a 300 MB object (scrypt alone takes 64 MiB).
-MAX_RSS_WITHOUT_READING = 200 * 1024 * 1024
+# Peak memory a command may use without having read a 300 MiB object: scrypt alone takes
+# 128 MiB at the default N=2^17, r=8; reading the object would add at least 300 MiB on top.
+MAX_RSS_WITHOUT_READING = 400 * 1024 * 1024
 FIRST_BLOB_BYTE = 64  # inside the first sealed blob of a pack: a data chunk of the session
 
 
