@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qubes_backup_hub.errors import IntegrityError
+from qubes_backup_hub.safety.jsonlimits import loads_bounded
 
 from . import FORMAT_VERSION
 from .crypto import Sealer, check_kdf
@@ -103,9 +104,9 @@ def split_root(data: bytes) -> tuple[bytes, RootHeader, bytes]:
     if len(raw_header) != hlen or hlen > 65536:
         raise IntegrityError("the archive root header is truncated")
     try:
-        doc = json.loads(raw_header)
+        doc = loads_bounded(raw_header, max_bytes=65536)
         fmt = doc["format"]
-        if fmt not in SUPPORTED_FORMATS:
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt not in SUPPORTED_FORMATS:
             raise IntegrityError(
                 f"archive format {fmt} is not supported by this qbhub (reads {SUPPORTED_FORMATS})"
             )
