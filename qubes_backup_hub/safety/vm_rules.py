@@ -33,7 +33,7 @@ MAX_TAGS = 256
 MAX_DEVICES = 64
 MAX_FEATURE_VALUE = 4096
 MAX_FIREWALL_RULES = 1000
-MAX_NOTES = 256 * 1024
+MAX_NOTES = 65000  # qubesd reads at most 64 KiB per request, header included
 
 VM_REF = "vm-or-empty"
 OCTET = r"(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])"
