@@ -17,6 +17,7 @@ reader got, which is not a rollback. `remember` only ever raises a generation.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -119,15 +120,18 @@ class LocalState:
         """Record `generation` as seen (authenticated or written by this process); never lower."""
         if not isinstance(generation, int) or not 0 <= generation <= MAX_GENERATION:
             raise QbhubError(f"refusing to remember generation {generation!r}")
-        known = self.recall(archive_id, fingerprint)
-        if known is not None and known.generation >= generation:
-            return
         path = self._path(archive_id, fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        doc = {"generation": generation, "seen_at": time.time()}
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, path)
+        # Two commands finishing at once must not let the lower generation land last.
+        with open(path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            known = self.recall(archive_id, fingerprint)
+            if known is not None and known.generation >= generation:
+                return
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            doc = {"generation": generation, "seen_at": time.time()}
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
 
 
 def check_rollback(known: ArchiveMemory | None, facts: ArchiveFacts) -> None:

@@ -244,8 +244,8 @@ class LocalDirStore(Store):
                     with suppress(FileExistsError):
                         os.mkdir(part, dir_fd=fd)
                 child = open_dir_at(fd, part, "/".join(parts[: i + 1]))
-                os.close(fd)
-                fd = child
+                parent, fd = fd, child  # `fd` always names an open descriptor, even on a signal
+                os.close(parent)
             yield fd
         finally:
             os.close(fd)
