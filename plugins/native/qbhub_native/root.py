@@ -178,7 +178,7 @@ def open_body(raw_header: bytes, sealed: bytes, sealer: Sealer) -> RootBody:
             ],
             indexes=[(str(i["name"]), int(i["length"])) for i in doc["indexes"]],
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:  # int(1e999) overflows
         raise IntegrityError(f"the archive root body is malformed ({exc})") from None
     if not 0 <= body.generation <= MAX_GENERATION:
         raise IntegrityError(f"the archive root claims generation {body.generation}")
