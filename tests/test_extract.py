@@ -418,3 +418,16 @@ def test_refusals(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory) ->
     one_error_line(extract(archive, "disk", "out", "--bogus"), 2)
     one_error_line(extract(tmp_path / "not-an-archive", "disk", tmp_path / "x.img"), 1)
     assert not (tmp_path / "x.img").exists()
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_deeply_nested_root_header_is_integrity_not_recursion(tmp_path: Path, opener: bytes) -> None:
+    """The root header is read before anything is authenticated: 10,000 levels of nesting are
+    refused as integrity (exit 3) before Python's recursive decoder sees them."""
+    closer = b"]" if opener == b"[" else b"}"
+    header = opener * 10_000 + b"1" + closer * 10_000  # within the 64 KiB header cap
+    archive = tmp_path / "deep"
+    archive.mkdir()
+    (archive / "root").write_bytes(b"QBHUB-ROOT\n" + struct.pack("<I", len(header)) + header)
+    err = one_error_line(extract("--list", archive), 3)
+    assert "nested deeper" in err

@@ -118,10 +118,21 @@ def test_the_valid_header_passes() -> None:
 def test_deep_nesting_is_refused_not_recursed(depth: int, opener: bytes) -> None:
     closer = b"]" if opener == b"[" else b"}"
     payload = opener * depth + b"1" + closer * depth
-    assert nesting_depth(payload) == depth
+    assert nesting_depth(payload.decode()) == depth
     if depth > 32:
         with pytest.raises(ValueError, match="nested deeper"):
             loads_bounded(payload)
+    with pytest.raises((IntegrityError, ValidationError)):
+        judge(payload)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_json_in_other_encodings_is_refused_before_nesting_is_judged(encoding: str) -> None:
+    """json.loads takes UTF-16/32 bytes too; a UTF-8 scanner misreads them (U+0122 holds a '"'
+    byte in UTF-16, which hid 50,000 brackets from the old scanner): only UTF-8 is accepted."""
+    payload = ('["\u0122", ' + "[" * 50_000 + "]" * 50_000 + "]").encode(encoding)
+    with pytest.raises(ValueError):
+        loads_bounded(payload, max_bytes=1 << 22)
     with pytest.raises((IntegrityError, ValidationError)):
         judge(payload)
 

@@ -40,6 +40,7 @@ from ..errors import QbhubError, StoreError, UsageError
 from ..hookspecs import hookimpl
 from ..platform.base import Platform, ServiceProcess
 from ..safety.names import check_object_name
+from ..safety.text import shown
 from .base import Bytes, Store, StoreType
 
 HEADER = struct.Struct(">BI")
@@ -217,8 +218,8 @@ class QrexecStore(Store):
                 self._abandon(proc)
                 raise StoreError(f"lost the storage agent in {self.vm}: {exc}") from None
         if status != 0:
-            text = body.decode("utf-8", "replace").splitlines()
-            raise StoreError(f"storage agent in {self.vm}: {text[0][:300] if text else 'failed'}")
+            line = body.split(b"\n", 1)[0]
+            raise StoreError(f"storage agent in {self.vm}: {shown(line) if line else 'failed'}")
         return body
 
     def _exchange(
