@@ -421,7 +421,7 @@ def test_refusals(tmp_path: Path, qbhub: Qbhub, archive: Path, image_factory) ->
 
 
 @pytest.mark.parametrize("opener", [b"[", b'{"a":'])
-def test_deeply_nested_root_header_is_integrity_not_recursion(tmp_path: Path, opener: bytes) -> None:
+def test_deeply_nested_root_header_is_integrity(tmp_path: Path, opener: bytes) -> None:
     """The root header is read before anything is authenticated: 10,000 levels of nesting are
     refused as integrity (exit 3) before Python's recursive decoder sees them."""
     closer = b"]" if opener == b"[" else b"}"
