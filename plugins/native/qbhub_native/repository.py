@@ -48,7 +48,15 @@ from .crypto import (
 )
 from .index import Index, decode_index
 from .limits import MAX_CHUNK_SIZE, MAX_INDEX_OBJECT, MAX_ROOT, MAX_SESSION_RECORD, MIN_CHUNK_SIZE
-from .root import RootBody, RootHeader, SessionRef, encode_root, open_body, split_root
+from .root import (
+    MAX_GENERATION,
+    RootBody,
+    RootHeader,
+    SessionRef,
+    encode_root,
+    open_body,
+    split_root,
+)
 from .session import SessionRecord, decode_session
 from .tree import DEFAULT_FANOUT, decode_page
 
@@ -403,6 +411,11 @@ class Repository:
         """Write the root with the next generation; the only mutation of the archive."""
         if self.read_only or self.state is None:
             raise UsageError("this archive was opened with a read grant: it can only be read")
+        if self.body.generation >= MAX_GENERATION:  # checked before anything is written
+            raise IntegrityError(
+                f"the archive root claims generation {self.body.generation}, the most there can "
+                "be: refusing to write after it (a root forged with a leaked key?)"
+            )
         self.body.generation += 1
         self.body.updated = utc_now()
         root = encode_root(self.header, self.body, self.sealer)
