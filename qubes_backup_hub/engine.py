@@ -174,12 +174,19 @@ class Engine(ABC):
 
 @dataclass(frozen=True)
 class EngineType:
-    """An engine as registered by a plugin: `register(EngineType(name=..., ...))`."""
+    """An engine as registered by a plugin: `register(EngineType(name=..., ...))`.
+
+    `claims_root(root)`, if given, says whether an archive root (read unauthenticated) was
+    written by this engine, so that every command after `init` finds the archive's engine
+    without `--engine`; an archive no engine claims is taken to be native. It only picks which
+    engine opens the archive, which then authenticates it as always.
+    """
 
     name: str
     description: str
     capabilities: frozenset[str]
     create: Callable[[EngineContext], Engine]
+    claims_root: Callable[[bytes], bool] | None = None
 
 
 @contextmanager

@@ -33,6 +33,14 @@ class Registry:
                 f"no engine named {name!r} is installed (installed: {known})"
             ) from None
 
+    def engine_for_root(self, root: bytes | None) -> str:
+        """The engine that wrote `root` (by `EngineType.claims_root`); "native" otherwise."""
+        if root is not None:
+            for engine in self.engines.values():
+                if engine.claims_root is not None and engine.claims_root(root):
+                    return engine.name
+        return "native"
+
     def open_store(self, url: str) -> Store:
         """Open the store at `url`: `scheme://...` picks a store type; a plain path means `file`."""
         scheme = url.split("://", 1)[0] if "://" in url else "file"

@@ -127,7 +127,7 @@ def restore(
         settings_only=settings_only,
         data_only=data_only,
         replace=replace,
-        engine=engine,
+        engine=engine or state.archive_engine(),
         all_vms=all_vms,
         allow=frozenset(allow),
         report=lambda line: click.echo(line, err=True),

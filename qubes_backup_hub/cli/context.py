@@ -20,6 +20,7 @@ from ..store.base import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_LOCK_WAIT = 60.0  # seconds a command waits for another one's archive lock
+ROOT_PEEK = 16 << 20  # the largest root read to find the archive's engine
 
 
 @dataclass
@@ -29,6 +30,7 @@ class CliState:
     json_output: bool = False
     allow_unencrypted: bool = False
     lock_wait: float = DEFAULT_LOCK_WAIT
+    dest: str | None = None
     _registry: Registry | None = field(default=None, repr=False)
 
     @property
@@ -39,7 +41,7 @@ class CliState:
 
     def engine(
         self,
-        name: str,
+        name: str | None,
         passphrase_file: Path | None,
         *,
         new_passphrase: PassphraseSource | None = None,
@@ -55,7 +57,17 @@ class CliState:
             allow_unencrypted=self.allow_unencrypted,
             announce=announce_first_contact,
         )
-        return self.registry.engine(name).create(context)
+        return self.registry.engine(name or self.archive_engine()).create(context)
+
+    def archive_engine(self) -> str:
+        """The engine of the archive at --dest (the one that claims its root), else native."""
+        if self.dest is None:
+            return "native"
+        store = self.store(self.dest)
+        try:
+            return self.registry.engine_for_root(store.get_root(ROOT_PEEK))
+        finally:
+            store.close()
 
     def passphrase_prompts(self, passphrase_file: Path | None) -> bool:
         """True if the engine would have to ask for the passphrase on the terminal."""
@@ -119,12 +131,16 @@ def archive_options(func: F) -> F:
         help="Read the passphrase from this file (else $QBHUB_PASSPHRASE, else a prompt).",
     )(func)
     func = click.option(
-        "--engine", default="native", show_default=True, help="Backup engine (see `qbhub engines`)."
+        "--engine",
+        default=None,
+        help="Backup engine (see `qbhub engines`); only `init` needs it (default native): "
+        "later commands use the engine that wrote the archive.",
     )(func)
     func = click.option(
         "--dest",
         required=True,
         metavar="URL",
+        callback=_set_state("dest"),
         help="The archive: a directory path (or file://PATH).",
     )(func)
     return func

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from ..progress import human_bytes
+
+Renderer = Callable[[dict[str, Any]], str]
+
+
+def engine_text(render: Renderer) -> Renderer:
+    """Use the engine's own rendering (`human` in its result) where it gives one."""
+
+    @wraps(render)
+    def wrapper(r: dict[str, Any]) -> str:
+        human = r.get("human")
+        return human if isinstance(human, str) else render(r)
+
+    return wrapper
 
 
 def archive_line(r: dict[str, Any]) -> str:
@@ -12,6 +27,7 @@ def archive_line(r: dict[str, Any]) -> str:
     return f"archive {r['archive_id']}, generation {r['generation']}, updated {r['updated']}{note}"
 
 
+@engine_text
 def init_text(r: dict[str, Any]) -> str:
     lines = [
         f"Created archive at {r['url']}",
@@ -34,6 +50,7 @@ def volume_line(v: dict[str, Any]) -> str:
     ) + (f"\n    ({v['snapshot_note']})" if v.get("snapshot_note") else "")
 
 
+@engine_text
 def backup_text(r: dict[str, Any]) -> str:
     lines = [f"Session {r['session']} committed ({archive_line(r)})"]
     lines += [volume_line(v) for v in r["volumes"]]
@@ -44,6 +61,7 @@ def backup_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@engine_text
 def restore_text(r: dict[str, Any]) -> str:
     return (
         f"Restored {r['volume']} from session {r['session']} to {r['target']}: "
@@ -51,6 +69,7 @@ def restore_text(r: dict[str, Any]) -> str:
     )
 
 
+@engine_text
 def list_text(r: dict[str, Any]) -> str:
     lines = [
         archive_line(r),
@@ -66,6 +85,7 @@ def list_text(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@engine_text
 def verify_text(r: dict[str, Any]) -> str:
     text = (
         f"Archive OK ({r['mode']} verify): {r['sessions']} sessions, {r['tree_pages']} tree pages, "
@@ -82,6 +102,7 @@ def verify_text(r: dict[str, Any]) -> str:
     return text
 
 
+@engine_text
 def prune_text(r: dict[str, Any]) -> str:
     removed = ", ".join(r["sessions_removed"]) or "none"
     return (

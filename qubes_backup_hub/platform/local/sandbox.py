@@ -43,6 +43,8 @@ class SandboxSpec:
     ro_paths: tuple[Path, ...] = ()  # host paths visible read-only at the same place
     python_path: tuple[Path, ...] = ()  # extra import roots (must lie inside ro_paths)
     masks: tuple[Path, ...] = ()  # host paths hidden behind an empty tmpfs
+    # (host path, sandbox path): read-only at another place (volume views, a socket)
+    ro_binds: tuple[tuple[Path, str], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
 
     def environment(self, home: str) -> dict[str, str]:
@@ -86,6 +88,8 @@ def bwrap_argv(bwrap: str, spec: SandboxSpec) -> list[str]:
         argv += ["--ro-bind", str(path), str(path)]
     for path in spec.masks:
         argv += ["--tmpfs", str(path)]
+    for source, target in spec.ro_binds:
+        argv += ["--ro-bind", str(source), target]
     argv += ["--bind", str(spec.home), SANDBOX_HOME, "--chdir", SANDBOX_HOME]
     argv += ["--remount-ro", "/", "--clearenv"]
     for key, value in spec.environment(SANDBOX_HOME).items():
