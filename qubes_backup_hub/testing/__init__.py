@@ -1,0 +1,1 @@
+"""Test helpers any qbhub plugin distribution can use (imported only by tests)."""

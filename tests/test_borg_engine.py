@@ -1,0 +1,160 @@
+"""The Borg engine's own checks: marker, rollback memory, restore header, and end to end with
+real borg in real bubblewrap sandboxes (skipped only when either is missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qubes_backup_hub.errors import IntegrityError, RollbackError
+from qubes_backup_hub.platform.local.sandbox import Sandbox
+
+pytest.importorskip("qbhub_borg", reason="qbhub-borg is not installed")
+
+from qbhub_borg import marker as markers
+from qbhub_borg.memory import Memory, Seen
+from qbhub_borg.receive import parse_header
+from qbhub_borg.sessions import next_session, session_key
+from qbhub_borg.worker import decode_comment, encode_comment, session_volumes
+
+S1, S2, S3 = "20260101T000000Z", "20260102T000000Z", "20260102T000000Z-1"
+
+
+def _missing() -> str | None:
+    if shutil.which("borg") is None:
+        return "borg is not installed (apt install borgbackup)"
+    if not Sandbox().sandboxed:
+        return "bubblewrap is not usable here; the borg engine runs borg only in a sandbox"
+    return None
+
+
+needs_borg = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+
+
+# -- pure parts -------------------------------------------------------------------------------
+
+
+def test_marker_round_trip_and_strictness() -> None:
+    marker = markers.Marker.new(append_only=True)
+    assert markers.decode(marker.encode()) == marker
+    assert markers.is_marker(marker.encode()) and not markers.is_marker(b"QBHUB-ROOT\n")
+    body = json.loads(marker.encode()[len(markers.MAGIC) :])
+    for bad in (
+        {**body, "engine": "native"},
+        {**body, "archive_id": "../x"},
+        {**body, "append_only": "yes"},
+        {**body, "extra": 1},
+        {**body, "encryption": "none"},
+    ):
+        with pytest.raises(IntegrityError):
+            markers.decode(markers.MAGIC + json.dumps(bad).encode())
+    with pytest.raises(IntegrityError):
+        markers.decode(markers.MAGIC + b"{" * 5000)
+
+
+def test_session_order_and_next_session() -> None:
+    assert sorted([S3, "20260102T000000Z-10", S2, "20260102T000000Z-2"], key=session_key) == [
+        S2, S3, "20260102T000000Z-2", "20260102T000000Z-10"
+    ]  # fmt: skip
+    assert next_session([], now=0) == "19700101T000000Z"
+    assert next_session([S3], now=0) == "20260102T000000Z-2"
+
+
+def test_rollback_memory_refuses_lost_or_older_sessions(tmp_path: Path) -> None:
+    memory = Memory(tmp_path, "ab" * 16)
+    with memory.locked() as seen:
+        assert not seen.known
+        seen.check([S1])
+        seen.add([S1, S2])
+    with memory.locked() as seen:
+        assert seen.known and seen.newest == S2
+        seen.check([S1, S2, S3])  # a newer session made elsewhere is fine
+        with pytest.raises(RollbackError, match="lacks 1 session"):
+            seen.check([S2])
+        seen.sessions.discard(S1)  # pruned here
+        seen.check([S2])
+    with pytest.raises(RollbackError, match="older than"):
+        Seen({S1}, S2, True).check([S1])
+
+
+def test_comment_round_trip_skips_malformed_entries() -> None:
+    comment = encode_comment("ab" * 16, [("disk", 5), ("vm:private", 0)])
+    assert "{" not in comment  # borg expands {placeholders} in comments
+    assert session_volumes(comment) == [("disk", 5), ("vm:private", 0)]
+    assert decode_comment("not base64!") is None
+    bad = encode_comment("x", [("../etc", 1), ("ok", -1), ("fine", 2)])  # type: ignore[list-item]
+    assert session_volumes(bad) == [("fine", 2)]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"session": S1, "volumes": [{"name": "other", "size": 1}]},
+        {"session": S1, "volumes": [{"name": "disk", "size": -1}]},
+        {"session": S1, "volumes": [{"name": "disk", "size": True}]},
+        {"session": S1, "volumes": [{"name": "disk", "size": 1 << 60}]},
+        {"session": S2, "volumes": [{"name": "disk", "size": 1}]},
+        {"session": S1, "volumes": [{"name": "disk", "size": 1}, {"name": "disk", "size": 1}]},
+        {"session": S1, "volumes": [{"name": "disk", "size": 1, "x": 1}]},
+        {"session": S1, "volumes": [], "vms": []},
+    ],
+)
+def test_restore_header_is_checked_field_by_field(header: dict[str, object]) -> None:
+    with pytest.raises(IntegrityError):
+        parse_header(json.dumps(header).encode(), name="disk", session=None, known={S1})
+
+
+def test_restore_header_accepts_the_expected_volume() -> None:
+    payload = json.dumps({"session": S1, "volumes": [{"name": "disk", "size": 7}]}).encode()
+    header = parse_header(payload, name="disk", session=S1, known={S1, S2})
+    assert header.session == S1 and header.volumes[0].size == 7
+
+
+# -- end to end -------------------------------------------------------------------------------
+
+
+def qbhub(home: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "QBHUB_HOME": str(home), "QBHUB_PASSPHRASE": "pw"}
+    argv = [sys.executable, "-m", "qubes_backup_hub", *map(str, args)]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+@needs_borg
+def test_storage_rolled_back_is_refused_and_dom0_never_holds_borg_state(tmp_path: Path) -> None:
+    home, archive, disk = tmp_path / "home", tmp_path / "archive", tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(300_000))
+    assert qbhub(home, "init", "--engine", "borg", "--dest", archive).returncode == 0
+    assert qbhub(home, "volume", "backup", "--dest", archive, disk).returncode == 0
+    shutil.copytree(archive, tmp_path / "old")
+    assert qbhub(home, "volume", "backup", "--dest", archive, disk).returncode == 0
+    shutil.rmtree(archive)
+    shutil.copytree(tmp_path / "old", archive)
+    refused = qbhub(home, "list", "--dest", archive)
+    assert refused.returncode == 4, refused.stderr
+    assert "rolled it back" in refused.stderr or "lacks 1 session" in refused.stderr
+    out = tmp_path / "out.img"
+    refused = qbhub(home, "volume", "restore", "--dest", archive, "disk.img", "--to", out)
+    assert refused.returncode == 4 and not out.exists()
+    # dom0 keeps only the rollback memory: no borg cache, keys or security dirs here
+    assert sorted(p.name for p in (home / "borg").iterdir())[0].endswith(".json")
+    assert not any("cache" in p.parts or "security" in p.parts for p in home.rglob("*"))
+
+
+@needs_borg
+def test_wrong_passphrase_and_hostile_volume_names(tmp_path: Path) -> None:
+    home, archive, disk = tmp_path / "home", tmp_path / "archive", tmp_path / "disk.img"
+    disk.write_bytes(b"x" * 1000)
+    assert qbhub(home, "init", "--engine", "borg", "--dest", archive).returncode == 0
+    env = {**os.environ, "QBHUB_HOME": str(home), "QBHUB_PASSPHRASE": "not it"}
+    argv = [sys.executable, "-m", "qubes_backup_hub", "list", "--dest", str(archive)]
+    wrong = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 5, wrong.stderr
+    bad = qbhub(home, "volume", "backup", "--dest", archive, f"{disk}=../x")
+    assert bad.returncode == 2
