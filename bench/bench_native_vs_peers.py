@@ -25,6 +25,7 @@ from pathlib import Path
 
 import report
 import workload
+from borg_engine import BorgEngineRunner
 from measure import NOISE_SHARE, CacheDropper, StepResult, log_tail
 from native import NativeRunner, qbhub_command
 from peers import BorgRunner, ResticRunner
@@ -71,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-native", action="store_true", help="run the peers only")
     p.add_argument("--skip-sparse", action="store_true", help="skip the sparse-volume case")
     p.add_argument(
+        "--borg-engine",
+        action="store_true",
+        help="also run qbhub's Borg engine (plugins/borg_qrexec) beside native and plain borg",
+    )
+    p.add_argument(
         "--require-peers",
         action="store_true",
         help="fail (exit 2) instead of skipping a peer that is not installed",
@@ -98,6 +104,10 @@ def select_runners(args: argparse.Namespace, root: Path) -> list[ToolRunner]:
     runners: list[ToolRunner] = []
     if not args.skip_native:
         runners.append(NativeRunner(root / "native", PASSPHRASE, qbhub_command(args.qbhub)))
+    if args.borg_engine:
+        runners.append(
+            BorgEngineRunner(root / "borg-engine", PASSPHRASE, qbhub_command(args.qbhub))
+        )
     if not args.skip_peers:
         runners += [
             BorgRunner(root / "borg", PASSPHRASE, args.borg_chunker_params),

@@ -218,7 +218,7 @@ class Job:
         volumes = [(str(n), int(s)) for n, s in self.job["volumes"]]
         comment = encode_comment(str(self.job["archive_id"]), volumes)
         args = [
-            "create", "--json", "--progress", "--read-special", "--noflags", "--noacls",
+            "create", "--json", "--progress", "--read-special", "--sparse", "--noflags", "--noacls",
             "--noxattrs", "--chunker-params", CHUNKER, "--compression", COMPRESSION,
             "--comment", comment, f"::{session}", *[n for n, _ in volumes], SESSION_DOC,
         ]  # fmt: skip
