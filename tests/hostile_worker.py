@@ -95,6 +95,7 @@ def settings_scenarios(name: str) -> list[dict] | None:
         "block-from-dom0": [{"class": "block", "backend": "dom0", "ident": "sda"}],
         "usb-from-backupvm": [{"class": "usb", "backend": BACKUP_VM, "ident": "2-1"}],
         "input": [{"class": "input", "backend": "sys-usb", "ident": "1-1"}],
+        **device_43_scenarios(),
     }.get(name)
     if devices is not None:
         return [vm(name, devices=devices)]
@@ -123,6 +124,27 @@ def settings_scenarios(name: str) -> list[dict] | None:
         "badclass": [{**vm(name), "class": "AdminVM"}],
     }
     return others.get(name)
+
+
+def device_43_scenarios() -> dict[str, list[dict]]:
+    """Qubes 4.3 assignments (device_id, mode): one honest, the rest malformed."""
+    usb = {"class": "usb", "backend": "sys-usb", "ident": "2-1", "options": {}}
+    good = {**usb, "device_id": "0x046d:0xc52b::h031102", "mode": "auto-attach"}
+    return {
+        "dev43-good": [good, {**usb, "ident": "*", "device_id": "0x1050:0x0407::?******",
+                              "mode": "ask-to-attach", "required": False}],
+        "dev43-id-slash": [{**good, "device_id": "../../x"}],
+        "dev43-id-space": [{**good, "device_id": "a b"}],
+        "dev43-id-empty": [{**good, "device_id": ""}],
+        "dev43-id-long": [{**good, "device_id": "a" * 257}],
+        "dev43-id-quote": [{**good, "device_id": "x' mode='required"}],
+        "dev43-id-number": [{**good, "device_id": 7}],
+        "dev43-mode-manual": [{**good, "mode": "manual"}],
+        "dev43-mode-caps": [{**good, "mode": "Required"}],
+        "dev43-mode-list": [{**good, "mode": ["required"]}],
+        "dev43-mode-disagrees": [{**good, "mode": "required", "required": False}],
+        "dev43-any-port-any-device": [{**good, "ident": "*", "device_id": "*"}],
+    }  # fmt: skip
 
 
 def header(vms: list[dict], session: str, **extra: object) -> bytes:

@@ -29,6 +29,7 @@ import real_qubesd
 from conftest import PASSPHRASE, Qbhub
 
 from qubes_backup_hub.platform.base import VMSettings
+from qubes_backup_hub.platform.qubes.adminapi import Assignment
 from qubes_backup_hub.platform.qubes.platform import QubesPlatform
 from qubes_backup_hub.platform.qubes.wire import QubesApiError
 
@@ -168,10 +169,12 @@ def test_settings_of_an_appvm(world: World) -> None:
 
 def test_devices_of_a_netvm_in_either_api(world: World) -> None:
     net = world.qp.vm_settings("sys-net")
+    in_43 = {"device_id": "*", "mode": "required"} if world.server.version != "4.2" else {}
     assert net.devices == [
         {"class": "pci", "backend": "dom0", "ident": "00_14.3",
-         "options": {"no-strict-reset": "True"}, "required": True},
-        {"class": "pci", "backend": "dom0", "ident": "00_1f.6", "options": {}, "required": True},
+         "options": {"no-strict-reset": "True"}, "required": True, **in_43},
+        {"class": "pci", "backend": "dom0", "ident": "00_1f.6", "options": {}, "required": True,
+         **in_43},
     ]  # fmt: skip
     assert net.properties["provides_network"] is True and net.properties["memory"] == 425
 
@@ -452,5 +455,41 @@ def test_device_assignments_are_written_in_the_servers_api(world: World) -> None
     if world.server.version == "4.2":
         assert any("Invalid PCI device: 00_14.3" in f for f in failed), failed
     else:
-        assert len(failed) == 1 and qp.vm_settings("devs").devices == [pci]
+        assert len(failed) == 1
+        assert qp.vm_settings("devs").devices == [{**pci, "device_id": "*", "mode": "required"}]
     qp.remove_vm("devs")
+
+
+# Qubes 4.3 assignments: a named device on a port, a named device on any port ("*"), any device
+# on a port, in each mode 4.3 can assign; the unknown interface "?******" goes as "_______".
+ASSIGNMENTS_43 = [
+    Assignment("block", "sys-net", "sda", {"read-only": "yes"}, True,
+               "0x1234:0x5678::b000000", "auto-attach"),
+    Assignment("block", "sys-net", "*", {}, True, "Disk_S3Z9NB0K123456", "ask-to-attach"),
+    Assignment("block", "sys-net", "sdb", {}, True, "*", "auto-attach"),
+    Assignment("pci", "dom0", "00_1f.6", {}, True, "0x8086:0x15bb::?******", "required"),
+]  # fmt: skip
+
+
+def test_43_device_ids_and_modes_survive_backup_and_restore(
+    world: World, backed_up: dict[str, Any]
+) -> None:
+    """Backup records each 4.3 assignment's device_id and mode; restore re-assigns them with
+    admin.vm.device.CLASS.Assign, read back through .Assigned exactly as they were."""
+    if world.server.version == "4.2":
+        pytest.skip("Qubes 4.2 assignments have no device_id or mode")
+    qp = world.qp
+    qp.create_vm(VMSettings("devvm", "AppVM", {"label": "orange"}))
+    qp.import_volume("devvm", "private", 65536, io.BytesIO(b"d" * 65536))
+    for a in ASSIGNMENTS_43:
+        qp.api.device_assign("devvm", a)
+    recorded = qp.vm_settings("devvm").devices
+    assert {(d["ident"], d["device_id"], d["mode"]) for d in recorded} == {
+        (a.ident, a.device_id, a.mode) for a in ASSIGNMENTS_43
+    }
+    world.q.run("backup", "devvm", "--dest", "qubes://sys-backup/main")
+    r = restore(world, "devvm", "--rename", "devvm:devvm2", "--allow", "pci-devices")
+    assert "block device sys-net:* (device Disk_S3Z9NB0K123456, ask-to-attach)" in r.stderr
+    assert qp.vm_settings("devvm2").devices == recorded
+    qp.remove_vm("devvm2")
+    qp.remove_vm("devvm")

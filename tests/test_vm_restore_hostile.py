@@ -152,6 +152,18 @@ REFUSED = [
     # devices from where they can't come, firewall rules that are not rules
     ("pci-from-vm", "PCI devices come from dom0"),
     ("usb-from-backupvm", "may not serve devices"),
+    # Qubes 4.3 device ids and modes outside their forms
+    ("dev43-id-slash", "bad device assignment"),
+    ("dev43-id-space", "bad device assignment"),
+    ("dev43-id-empty", "bad device assignment"),
+    ("dev43-id-long", "bad device assignment"),
+    ("dev43-id-quote", "bad device assignment"),
+    ("dev43-id-number", "bad device assignment"),
+    ("dev43-mode-manual", "bad device assignment"),
+    ("dev43-mode-caps", "bad device assignment"),
+    ("dev43-mode-list", "bad device assignment"),
+    ("dev43-mode-disagrees", "bad device assignment"),
+    ("dev43-any-port-any-device", "bad device assignment"),
     ("fw-garbage", "bad firewall rules"),
     ("fw-twice", "bad firewall rules"),
     ("fw-nonascii", "bad firewall rules"),
@@ -238,6 +250,40 @@ def test_explicit_allow_restores_the_named_risk_only(world: World, restored: lis
     (device,) = world.platform.vm_settings("pci-permissive").devices
     assert device["backend"] == "dom0" and device["options"] == {"permissive": "True"}
     assert any("sensitive" in line and "pci device" in line for line in reported), reported
+
+
+def test_43_device_ids_and_modes_pass_dom0s_checks(world: World, restored: list[str]) -> None:
+    """The honest 4.3 assignments pass the validator and the policy, and are listed as sensitive
+    with their device and mode. (LocalPlatform itself keeps only 4.2-style records, so it reports
+    them as not applied; tests/test_real_qubesd.py applies them on a real 4.3 qubesd.)"""
+    restored.append("dev43-good")
+    reported: list[str] = []
+    world.restore("dev43-good", report=reported.append)
+    assert "dev43-good" in world.vm_names()
+    sensitive = [line for line in reported if "sensitive" in line]
+    assert any("usb device sys-usb:2-1 (device 0x046d:0xc52b::h031102, auto-attach)" in line
+               for line in sensitive), reported  # fmt: skip
+    assert any("usb device sys-usb:* (device 0x1050:0x0407::?******, ask-to-attach)" in line
+               for line in sensitive), reported  # fmt: skip
+
+
+def test_policy_reads_only_the_vms_the_settings_name(
+    world: World, restored: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dom0 judges references with one VM listing plus the settings of each VM a restored
+    setting names (here the template), not one Admin API round trip per VM on the system."""
+    restored.append("defdisp-backupvm")
+    read: list[str] = []
+    real = world.platform.vm_settings
+
+    def counted(vm: str) -> VMSettings:
+        read.append(vm)
+        return real(vm)
+
+    monkeypatch.setattr(world.platform, "vm_settings", counted)
+    with pytest.raises(ValidationError, match="may not name backupvm"):
+        world.restore("defdisp-backupvm")
+    assert sorted(read) == ["backupvm", "fedora"]
 
 
 def test_numbers_are_lowered_to_what_the_host_has(world: World, restored: list[str]) -> None:

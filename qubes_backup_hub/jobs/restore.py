@@ -52,6 +52,7 @@ from ..safety.vm_rules import (
     PolicyOutcome,
     apply_policy,
     check_vm_name,
+    referenced_vms,
 )
 from ..store.base import Store
 from ..store.qrexec import OP, QrexecStore
@@ -371,11 +372,17 @@ def _run_worker(
 def _judge(
     platform: Platform, store: Store, header: RestoreHeader, request: RestoreRequest
 ) -> PolicyOutcome:
-    """Apply the settings policy with dom0's own knowledge of its VMs (not the worker's)."""
+    """Apply the settings policy with dom0's own knowledge of its VMs (not the worker's).
+
+    One listing gives every VM's class; the properties the policy judges references by
+    (provides_network, template_for_dispvms) are read only for the VMs the restored settings
+    name (`referenced_vms`), not for every VM on the system."""
+    vms = [(vm.name, vm.klass, vm.settings) for vm in header.vms]
+    named = referenced_vms(vms)
     known: dict[str, KnownVM] = {}
     untouchable: set[str] = set()
     for summary in platform.list_vms():
-        if summary.klass in ("AdminVM", "DispVM"):
+        if summary.klass in ("AdminVM", "DispVM") or summary.name not in named:
             known[summary.name] = KnownVM(summary.klass)
             continue
         props = platform.vm_settings(summary.name).properties
@@ -394,7 +401,7 @@ def _judge(
         allow=request.allow,
         limits=platform.host_limits(),
     )
-    return apply_policy([(vm.name, vm.klass, vm.settings) for vm in header.vms], context)
+    return apply_policy(vms, context)
 
 
 def _with_settings(header: RestoreHeader, outcome: PolicyOutcome) -> RestoreHeader:

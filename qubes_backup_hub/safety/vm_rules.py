@@ -28,6 +28,9 @@ RESTORABLE_CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM")
 DEVICE_CLASSES = set(policy.DEVICE_POLICY)
 DEVICE_IDENT = re.compile(r"[a-zA-Z0-9:._-]{1,64}")
 DEVICE_OPTION = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+DEVICE_ID = re.compile(r"[A-Za-z0-9_.:*?-]{1,256}")  # Qubes 4.3: vendor:product::interfaces
+DEVICE_MODES = ("required", "auto-attach", "ask-to-attach")  # those Qubes 4.3 can assign
+DEVICE_KEYS = {"class", "backend", "ident", "options", "required", "device_id", "mode"}
 MAX_FEATURES = 1024
 MAX_TAGS = 256
 MAX_DEVICES = 64
@@ -207,19 +210,39 @@ def _check_devices(vm: str, devices: Any) -> None:
     if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
         raise refuse(f"VM {vm}", "devices are not a list of a sane size")
     for device in devices:
-        if (
-            not isinstance(device, dict)
-            or set(device) - {"class", "backend", "ident", "options", "required"}
-            or not isinstance(device.get("class"), str)
-            or device["class"] not in DEVICE_CLASSES
-            or not isinstance(device.get("backend"), str)
-            or not VM_NAME.fullmatch(device["backend"])
-            or not isinstance(device.get("ident"), str)
-            or not DEVICE_IDENT.fullmatch(device["ident"])
-            or not _device_options_ok(device.get("options", {}))
-            or not isinstance(device.get("required", True), bool)
-        ):
+        if not _device_ok(device):
             raise refuse(f"VM {vm}", f"bad device assignment {repr(device)[:80]}")
+
+
+def _device_ok(device: Any) -> bool:
+    """One assignment record: class, backend, port (`ident`), options, 4.2's `required` and
+    4.3's `device_id` and `mode` (`required` and `mode` agree where both are given; without a
+    mode, required=False reads as auto-attach). The port may be "*" (any port) only for a named
+    device, as Qubes 4.3 itself requires."""
+    if not isinstance(device, dict) or set(device) - DEVICE_KEYS:
+        return False
+    klass, backend, ident = device.get("class"), device.get("backend"), device.get("ident")
+    device_id = device.get("device_id", "*")
+    if "mode" in device:
+        mode = device["mode"]
+        required = device.get("required", mode == "required")
+    else:
+        required = device.get("required", True)
+        mode = "required" if required is True else "auto-attach"
+    return (
+        isinstance(klass, str)
+        and klass in DEVICE_CLASSES
+        and isinstance(backend, str)
+        and bool(VM_NAME.fullmatch(backend))
+        and isinstance(device_id, str)
+        and bool(DEVICE_ID.fullmatch(device_id))
+        and isinstance(ident, str)
+        and (bool(DEVICE_IDENT.fullmatch(ident)) or (ident == "*" and device_id != "*"))
+        and mode in DEVICE_MODES
+        and isinstance(required, bool)
+        and required == (mode == "required")
+        and _device_options_ok(device.get("options", {}))
+    )
 
 
 def _device_options_ok(options: Any) -> bool:
@@ -301,6 +324,18 @@ def apply_policy(
     for name, klass, settings in vms:
         outcome.settings[name] = _judge_vm(name, klass, settings, ctx, outcome)
     return outcome
+
+
+def referenced_vms(vms: Sequence[tuple[str, str, dict[str, Any]]]) -> set[str]:
+    """The names the settings of `vms` give to VM-reference properties (template, netvm, ...):
+    the only existing VMs whose own properties `apply_policy` consults (`KnownVM`); for any
+    other existing VM it needs no more than its class."""
+    names: set[str] = set()
+    for _, _, settings in vms:
+        for key, value in settings.get("properties", {}).items():
+            if policy.PROPERTY_POLICY.get(key, policy.NEVER).kind == "vm-ref" and value:
+                names.add(str(value))
+    return names
 
 
 def _allowed(verdict: policy.Verdict, ctx: PolicyContext) -> bool:
@@ -436,8 +471,16 @@ def _judge_device(
     ):
         raise refuse(f"VM {vm}", f"{what}: backend {backend} may not serve devices here")
     if verdict.sensitive:
-        outcome.sensitive.append(f"{vm}: {what}")
+        outcome.sensitive.append(f"{vm}: {what}{_device_detail(device)}")
     return True
+
+
+def _device_detail(device: dict[str, Any]) -> str:
+    """What a 4.3 assignment adds to its port: which device, and when it is attached."""
+    words = [f"device {device['device_id']}"] if device.get("device_id", "*") != "*" else []
+    if "mode" in device:
+        words.append(str(device["mode"]))
+    return f" ({', '.join(words)})" if words else ""
 
 
 VM = TypeVar("VM")

@@ -14,7 +14,8 @@ produces them:
 - admin.vm.device.CLASS.List (4.2 only): ``BACKEND+IDENT key=value ...\\n``, where the options
   include `persistent=yes|no`; attach with admin.vm.device.CLASS.Attach+BACKEND+IDENT and payload
   ``persistent=True key=value ...``.
-- admin.vm.device.CLASS.Assigned (4.3 only; .List is gone): ``BACKEND+PORT:DEVID SERIALISED\\n``,
+- admin.vm.device.CLASS.Assigned (4.3 only; .List is gone): ``BACKEND+PORT:DEVID SERIALISED\\n``
+  (PORT may be `*`, any port, for a named device; DEVID `*`, any device, for a port),
   SERIALISED being ``key='value'`` words (``\\'`` escapes a quote; device options start with
   ``_``): device_id, port_id, devclass, backend_domain, mode (required, auto-attach,
   ask-to-attach), frontend_domain. Assign with admin.vm.device.CLASS.Assign+BACKEND+PORT+DEVID
@@ -226,7 +227,7 @@ def parse_assigned(call: str, devclass: str, data: bytes) -> list[Assignment]:
         options = {k[1:]: v for k, v in words.items() if k.startswith("_")}
         mode = words.get("mode", "")
         if (
-            not PORT_ID.fullmatch(port)
+            not (PORT_ID.fullmatch(port) or (port == "*" and device_id != "*"))
             or not DEVICE_ID.fullmatch(device_id)
             or mode not in DEVICE_MODES
             or words.get("port_id", port) != port
@@ -240,8 +241,13 @@ def parse_assigned(call: str, devclass: str, data: bytes) -> list[Assignment]:
     return out
 
 
+UNKNOWN_INTERFACE = "?******"  # Qubes 4.3's DeviceInterface.unknown()
+
+
 def qarg(text: str) -> str:
-    """A 4.3 device reference in qrexec argument form (VirtualDevice.repr_for_qarg)."""
+    """A 4.3 device reference in qrexec argument form (VirtualDevice.repr_for_qarg: the unknown
+    interface as seven `_`, then `:` as `+` and `*` as `_`)."""
+    text = text.replace(UNKNOWN_INTERFACE, "_" * len(UNKNOWN_INTERFACE))
     return text.replace(":", "+").replace("*", "_")
 
 

@@ -231,16 +231,7 @@ class QubesPlatform(Platform):
             return settings
         settings.features = {f: self.api.feature_get(vm, f) for f in self.api.feature_list(vm)}
         settings.tags = self.api.tag_list(vm)
-        settings.devices = [
-            {
-                "class": a.devclass,
-                "backend": a.backend,
-                "ident": a.ident,
-                "options": dict(a.options),
-                "required": a.mode == "required",
-            }
-            for a in self._assignments(vm)
-        ]
+        settings.devices = [self._device_record(a) for a in self._assignments(vm)]
         settings.firewall = self.api.firewall_get(vm)
         # Qubes 4.2 has no admin.vm.notes.* calls
         settings.notes = self.api.notes_get(vm) if self.api_version != "4.2" else ""
@@ -255,6 +246,19 @@ class QubesPlatform(Platform):
             else:
                 out += self.api.device_assigned(vm, devclass)
         return out
+
+    def _device_record(self, a: Assignment) -> dict[str, object]:
+        """An assignment as recorded; on 4.3 with its device_id and mode (4.2 has neither)."""
+        record: dict[str, object] = {
+            "class": a.devclass,
+            "backend": a.backend,
+            "ident": a.ident,
+            "options": dict(a.options),
+            "required": a.mode == "required",
+        }
+        if self.api_version != "4.2":
+            record.update(device_id=a.device_id, mode=a.mode)
+        return record
 
     def vm_volumes(self, vm: str) -> list[VolumeInfo]:
         summary = self._summary(vm)
