@@ -18,9 +18,10 @@ the script mid-import used to cause). The socket path comes from $FAKE_QUBESD_SO
 
 Where the real qubesd can run (tests/test_real_qubesd.py, ../shared/qubes-reference) the tests use
 it; this fake remains for what it cannot do there: running VMs (Xen), LVM thin pools, VM notes
-(4.3's Set needs libqubes-pure), a hostile qubesd, and requests recorded byte for byte. Its
-formats follow the real 4.2 server's (device lines `persistent=yes`, property.Get without the
-name); a call-by-call comparison with the real server is still to be written.
+(4.3's Set needs libqubes-pure), a hostile qubesd, and requests recorded byte for byte. It
+speaks Qubes 4.2 (the default: device .List/.Attach) or 4.3 (`start(..., version="4.3")`:
+.Assigned/.Assign, notes, uuid in admin.vm.List, 4.3's properties). Its formats are checked
+against the real 4.2 and 4.3 servers call by call by tests/test_fake_vs_real_qubesd.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import secrets
 import socket
 import sys
@@ -64,29 +66,74 @@ class VM:
     devices: dict[str, list[str]] = field(default_factory=dict)  # class -> 4.2 List lines
     firewall: list[str] = field(default_factory=lambda: ["action=accept"])
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: str = ""
 
 
-DEFAULT_PROPS = {  # property -> (type, default value), as `qvm-prefs` shows for an AppVM
+# property -> (type, default value): what the real 4.2 qubesd lists for an AppVM
+# (admin.vm.property.GetAll; name, qid and uuid are set, so reported default=False)
+DEFAULT_PROPS = {
     "autostart": ("bool", "False"),
+    "backup_timestamp": ("int", ""),
     "debug": ("bool", "False"),
-    "default_dispvm": ("vm", "default-dvm"),
+    "default_user": ("str", "user"),
+    "dns": ("str", "10.139.1.1 10.139.1.2"),
+    "gateway": ("str", ""),
+    "gateway6": ("str", ""),
+    "icon": ("str", "appvm-red"),
     "include_in_backups": ("bool", "True"),
+    "installed_by_rpm": ("bool", "False"),
+    "ip": ("str", "10.137.0.6"),
+    "ip6": ("str", ""),
     "kernel": ("str", "6.6.48-1.fc37"),
-    "kernelopts": ("str", ""),
+    "keyboard_layout": ("str", "us++"),
+    "klass": ("str", "AppVM"),
+    "label": ("label", "red"),
+    "mac": ("str", "00:16:3e:5e:6c:00"),
     "maxmem": ("int", "4000"),
     "memory": ("int", "400"),
-    "netvm": ("vm", "sys-firewall"),
+    "name": ("str", ""),
     "provides_network": ("bool", "False"),
+    "qid": ("int", "0"),
     "qrexec_timeout": ("int", "60"),
+    "shutdown_timeout": ("int", "60"),
+    "start_time": ("str", ""),
+    "stubdom_mem": ("int", ""),
+    "stubdom_xid": ("str", "-1"),
     "template_for_dispvms": ("bool", "False"),
+    "updateable": ("bool", "False"),
+    "uuid": ("str", "00000000-0000-0000-0000-000000000000"),
     "vcpus": ("int", "2"),
     "virt_mode": ("str", "pvh"),
-    "qid": ("int", "0"),
-    "uuid": ("str", "00000000-0000-0000-0000-000000000000"),
-    "xid": ("int", "-1"),
-    "label": ("label", "red"),
-    "name": ("str", ""),
+    "visible_gateway": ("str", "10.137.0.3"),
+    "visible_gateway6": ("str", ""),
+    "visible_ip": ("str", "10.137.0.6"),
+    "visible_ip6": ("str", ""),
+    "visible_netmask": ("str", "255.255.255.255"),
+    "xid": ("str", "-1"),
+    "audiovm": ("vm", "dom0"),
+    "default_dispvm": ("vm", "default-dvm"),
+    "guivm": ("vm", "dom0"),
+    "kernelopts": ("str", "swiotlb=2048"),
+    "management_dispvm": ("vm", ""),
+    "netvm": ("vm", "sys-firewall"),
 }
+# What 4.3 changes: new properties, and the xids became integers.
+PROPS_43 = {
+    **DEFAULT_PROPS,
+    "bootmode": ("str", "default"),
+    "devices_denied": ("str", ""),
+    "stubdom_uuid": ("str", ""),
+    "stubdom_xid": ("int", "-1"),
+    "xid": ("int", "-1"),
+}
+# Properties an AppVM has and these classes lack, and defaults only some classes have.
+CLASS_LACKS = {
+    "TemplateVM": {"template", "template_for_dispvms"},
+    "DispVM": {"template_for_dispvms"},
+}
+CLASS_DEFAULTS = {"appvm_default_bootmode": ("str", "default"), "is_preload": ("bool", "False")}
+
+
 POOLS = {
     "varlibqubes": {
         "dir_path": "/var/lib/qubes",
@@ -136,6 +183,7 @@ def make_vm(name: str, klass: str, pool: str, template: str = "", **props: str) 
     vm = VM(name, klass)
     vm.props["name"] = ("str", name)
     vm.props["uuid"] = ("str", f"6b2e1c1a-0f3d-4d6e-9b1a-{abs(hash(name)) % 10**12:012d}")
+    vm.props["qid"] = ("int", str(1 + abs(hash(name)) % 10000))
     if template:
         vm.props["template"] = ("vm", template)
     for key, value in props.items():
@@ -227,13 +275,37 @@ def seed() -> dict[str, VM]:
     return by_name
 
 
+def as_43(vm: str, devclass: str, lines: list[str]) -> list[str]:
+    """The persistent ones of 4.2 device lines as 4.3 .Assigned lines (any device on the port,
+    mode required, as 4.3 migrates 4.2 assignments)."""
+    out = []
+    for line in lines:
+        ident, *opts = line.split(" ")
+        if "persistent=yes" not in opts:
+            continue
+        backend, port = ident.split("+")
+        options = [o.partition("=") for o in opts if not o.startswith("persistent=")]
+        out.append(
+            f"{backend}+{port}:* device_id='*' port_id='{port}' devclass='{devclass}' "
+            f"backend_domain='{backend}' mode='required' frontend_domain='{vm}'"
+            + "".join(f" _{k}='{v}'" for k, _, v in options)
+        )
+    return out
+
+
 class FakeQubesd:
     """The fake daemon: a threaded unix-socket server over the in-memory model."""
 
-    def __init__(self, path: str, workdir: Path) -> None:
+    def __init__(self, path: str, workdir: Path, version: str = "4.2") -> None:
         self.path = path
         self.workdir = workdir
+        self.version = version
+        self.device_classes = ["block", "mic", "pci", "usb"]  # with USB proxy and audio
+        self.props = PROPS_43 if version == "4.3" else DEFAULT_PROPS
         self.vms = seed()
+        if version == "4.3":
+            for vm in self.vms.values():
+                vm.devices = {c: as_43(vm.name, c, lines) for c, lines in vm.devices.items()}
         self.pools = copy.deepcopy(POOLS)
         self.requests: list[tuple[str, str, str, bytes]] = []
         self.imports: dict[tuple[str, str], bytes] = {}
@@ -314,15 +386,9 @@ class FakeQubesd:
         vm = self.vm(dest)
         if method.startswith("admin.vm.device."):
             _, _, _, devclass, op = method.split(".")
-            if devclass not in vm.devices:
-                raise Refuse
-            if op == "List":
-                return "".join(line + "\n" for line in sorted(vm.devices[devclass]))
-            if op == "Attach":
-                opts = payload.decode().replace("persistent=True", "persistent=yes")
-                vm.devices[devclass].append(f"{arg} {opts}")
-                return ""
-            raise Refuse
+            if devclass not in self.device_classes:
+                raise Refuse  # the extension is not installed: no such method
+            return self.device_call(vm, devclass, op, arg, payload)
         if method.startswith(("admin.vm.Create.", "admin.vm.CreateInPool.")):
             return self.create(method.rsplit(".", 1)[1], arg, payload.decode())
         handler = getattr(self, "m_" + method.replace(".", "_"), None)
@@ -330,10 +396,66 @@ class FakeQubesd:
             raise Refuse  # qubesd: ProtocolError("no such method")
         return str(handler(vm, arg, payload))
 
+    def device_call(self, vm: VM, devclass: str, op: str, arg: str, payload: bytes) -> str:
+        """4.2: List (assigned and attached, `persistent=yes|no`) and Attach; 4.3: Assigned and
+        Assign (qubes/device_protocol.py formats); any other call goes unanswered."""
+        lines = vm.devices.setdefault(devclass, [])
+        if (self.version, op) == ("4.2", "List"):
+            return "".join(line + "\n" for line in sorted(lines))
+        if (self.version, op) == ("4.2", "Attach"):  # listed: options, then persistent
+            words = payload.decode().split(" ")
+            persistent = "yes" if "persistent=True" in words else "no"
+            options = [w for w in words if w and not w.startswith("persistent=")]
+            lines.append(" ".join([arg, *options, f"persistent={persistent}"]))
+            return ""
+        if (self.version, op) == ("4.3", "Assigned"):
+            return "".join(line + "\n" for line in sorted(lines))
+        if (self.version, op) == ("4.3", "Assign"):
+            lines.append(self.assignment_line(vm, devclass, arg, payload.decode("ascii")))
+            return ""
+        raise Refuse
+
+    def assignment_line(self, vm: VM, devclass: str, arg: str, serialised: str) -> str:
+        """An .Assigned line for admin.vm.device.CLASS.Assign+ARG (VirtualDevice.from_qarg and
+        DeviceAssignment.deserialize, as far as qbhub's assignments need)."""
+        backend, _, identity = arg.partition("+")
+        port, _, device_id = identity.replace("+", ":").partition(":")
+        port = "*" if port == "_" else port
+        device_id = "*" if device_id in ("", "_") else device_id.replace("_" * 7, "?******")
+        words = dict(re.findall(r"(\S+?)='((?:[^'\\]|\\')*)'", serialised))
+        self.vm(backend)
+        expected = {"device_id": device_id, "port_id": port, "devclass": devclass,
+                    "backend_domain": backend}  # fmt: skip
+        if any(words.get(k, v) != v for k, v in expected.items()):
+            raise QubesError("ProtocolError", "unexpected device property")
+        key = f"{backend}+{port}:{device_id}"
+        if any(line.split(" ")[0] == key for line in vm.devices[devclass]):
+            raise QubesError(
+                "DeviceAlreadyAssigned",
+                f"{devclass} device {backend}:{port}:{device_id} already assigned to {vm.name}",
+            )
+        options = " ".join(f"{k}='{v}'" for k, v in words.items() if k.startswith("_"))
+        mode = words.get("mode", "auto-attach")
+        return (
+            f"{key} device_id='{device_id}' port_id='{port}' devclass='{devclass}' "
+            f"backend_domain='{backend}' mode='{mode}'" + (f" {options}" if options else "")
+        )  # fmt: skip (no frontend_domain: as qubesd)
+
+    def m_admin_vm_notes_Get(self, vm: VM, arg: str, payload: bytes) -> str:
+        if self.version == "4.2":
+            raise Refuse  # notes are 4.3's
+        return vm.notes
+
+    def m_admin_vm_notes_Set(self, vm: VM, arg: str, payload: bytes) -> str:
+        if self.version == "4.2":
+            raise Refuse
+        vm.notes = payload.decode("utf-8")
+        return ""
+
     def m_admin_deviceclass_List(self, vm: VM, arg: str, payload: bytes) -> str:
         if vm.name != "dom0" or arg:
             raise Refuse
-        return "block\nmic\npci\nusb\n"  # 4.2 with the USB proxy and audio extensions
+        return "".join(f"{c}\n" for c in sorted(self.device_classes))
 
     def m_admin_vm_property_Get(self, vm: VM, arg: str, payload: bytes) -> str:
         for line in self.m_admin_vm_property_GetAll(vm, "", b"").splitlines():
@@ -343,31 +465,39 @@ class FakeQubesd:
         raise QubesError("QubesNoSuchPropertyError", f"Invalid property {arg!r} of {vm.name}")
 
     def m_admin_vm_List(self, vm: VM, arg: str, payload: bytes) -> str:
+        def uuid(v: VM) -> str:  # listed from 4.3 on
+            return f" uuid={v.props.get('uuid', DEFAULT_PROPS['uuid'])[1]}"
+
         return "".join(
-            f"{v.name} class={v.klass} state={v.state}\n"
+            f"{v.name} class={v.klass} state={v.state}{uuid(v) if self.version == '4.3' else ''}\n"
             for v in sorted(self.vms.values(), key=lambda v: v.name)
         )
 
     def m_admin_vm_property_GetAll(self, vm: VM, arg: str, payload: bytes) -> str:
         out = []
-        names = set(DEFAULT_PROPS) | set(vm.props)
+        names = set(self.props) | set(vm.props)
+        names -= CLASS_LACKS.get(vm.klass, set())
         if vm.klass == "AdminVM":
             names = set(vm.props)
+        if (vm.klass, self.version) == ("TemplateVM", "4.3"):
+            names.add("appvm_default_bootmode")
+        if (vm.klass, self.version) == ("DispVM", "4.3"):
+            names.add("is_preload")
         for name in sorted(names):
             if name in vm.props:
                 ptype, value = vm.props[name]
-                is_default = name in ("qid", "uuid", "xid") or name == "name"
+                is_default = False
             else:
-                ptype, value = DEFAULT_PROPS[name]
+                ptype, value = self.props.get(name) or CLASS_DEFAULTS[name]
                 is_default = True
             value = value.replace("\\", "\\\\").replace("\n", "\\n")
             out.append(f"{name} default={is_default} type={ptype} {value}\n")
         return "".join(out)
 
     def m_admin_vm_property_Set(self, vm: VM, arg: str, payload: bytes) -> str:
-        if arg not in DEFAULT_PROPS and arg != "template":
+        if arg not in self.props and arg != "template":
             raise QubesError("QubesNoSuchPropertyError", f"Invalid property {arg!r} of {vm.name}")
-        ptype = DEFAULT_PROPS.get(arg, ("vm", ""))[0]
+        ptype = self.props.get(arg, ("vm", ""))[0]
         value = payload.decode()
         if ptype == "vm" and value:
             self.vm(value)
@@ -494,6 +624,11 @@ class FakeQubesd:
         self.dispid += 1
         name = f"disp{self.dispid}"
         disp = make_vm(name, "DispVM", "vm-pool", base.name, label="red")
+        disp.props["auto_cleanup"] = ("bool", "True")
+        disp.props["dispid"] = ("int", str(self.dispid))
+        disp.tags.append("disp-created-by-dom0")
+        disp.features = dict(base.features)  # qubesd copies the DispVM template's features
+        disp.devices = {}
         self.vms[name] = disp
         return name
 
@@ -572,10 +707,12 @@ def import_service(volume_name: str) -> int:
     return 0
 
 
-def start(workdir: Path) -> FakeQubesd:
-    """Start a fake qubesd on a fresh socket under a short temp dir (unix paths are short)."""
+def start(workdir: Path, version: str = "4.2") -> FakeQubesd:
+    """Start a fake qubesd of Qubes `version` on a fresh socket under a short temp dir (unix
+    paths are short)."""
     sockdir = tempfile.mkdtemp(prefix="fq")
-    return FakeQubesd(os.path.join(sockdir, "qubesd.sock"), workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return FakeQubesd(os.path.join(sockdir, "qubesd.sock"), workdir, version)
 
 
 def _main(argv: list[str]) -> int:
