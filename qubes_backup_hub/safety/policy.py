@@ -70,7 +70,7 @@ PROPERTY_POLICY: dict[str, Verdict] = {
     "default_user": RESTORE,
     "stubdom_mem": RESTORE,
     "keyboard_layout": RESTORE,
-    "bootmode": RESTORE,  # the name of a boot mode the VM's own features define
+    "bootmode": SENSITIVE,  # selects a boot mode, whose kernel options are a risk of their own
     "devices_denied": RESTORE,  # only ever narrows what may be attached
     "ip": RISK("network-identity"),  # another VM's address would take its traffic
     "ip6": RISK("network-identity"),
@@ -80,7 +80,26 @@ PROPERTY_POLICY: dict[str, Verdict] = {
 # Feature name pattern -> verdict, first match wins.
 FEATURE_POLICY: tuple[tuple[str, Verdict], ...] = (
     ("vm-config.*", NEVER),  # raw Xen/libvirt configuration
-    ("gui-override-redirect", NEVER),  # windows that bypass the window manager: spoofing
+    # Boot modes (Qubes 4.3): a mode's kernel options are the VM's kernel command line, and a
+    # template's `boot-mode.appvm-default` hands its mode to every AppVM based on it.
+    ("boot-mode.kernelopts.*", RISK("kernel-options")),
+    ("boot-mode.active", SENSITIVE),
+    ("boot-mode.appvm-default", SENSITIVE),
+    ("boot-mode.default-user.*", SENSITIVE),
+    ("boot-mode.name.*", RESTORE),
+    ("boot-mode.*", NEVER),
+    # GUI: what protects the user from a VM drawing over others or faking window titles.
+    ("gui-override-redirect*", NEVER),  # windows that bypass the window manager: spoofing
+    ("gui-default-*", NEVER),  # on a GUI VM: the defaults of every VM it shows
+    ("gui-secure-*", NEVER),  # the secure copy/paste key sequences
+    ("gui-allow-fullscreen", RISK("gui-spoofing")),  # can cover the whole screen
+    ("gui-allow-utf8-titles", RISK("gui-spoofing")),  # look-alike window titles
+    ("gui-emulated", RESTORE),
+    ("gui-trayicon-mode", RESTORE),
+    ("gui-max-clipboard-size", RESTORE),
+    ("gui-events-max-delay", RESTORE),
+    ("gui-videoram-*", RESTORE),
+    ("gui-*", NEVER),  # any other GUI switch: unknown power over the screen
     ("service.qubes-updates-proxy", RISK("network-services")),
     ("service.qubes-yum-proxy", RISK("network-services")),
     ("service.qubes-network", RISK("network-services")),
@@ -89,9 +108,7 @@ FEATURE_POLICY: tuple[tuple[str, Verdict], ...] = (
     ("service.*", RESTORE),
     ("supported-service.*", RESTORE),
     ("supported-feature.*", RESTORE),
-    ("gui-*", RESTORE),
     ("gui", RESTORE),
-    ("gui-emulated", RESTORE),
     ("qrexec", RESTORE),
     ("vmexec", RESTORE),
     ("os", RESTORE),
@@ -109,7 +126,6 @@ FEATURE_POLICY: tuple[tuple[str, Verdict], ...] = (
     ("updates-available", RESTORE),
     ("last-updates-check", RESTORE),
     ("qubes-vm-update-*", RESTORE),
-    ("boot-mode.*", RESTORE),
     ("*", NEVER),  # unknown: an extension may give it power dom0 cannot judge
 )
 
@@ -161,6 +177,7 @@ RISKS: dict[str, str] = {
     "webcam": "attach cameras to restored VMs",
     "dom0-devices": "attach devices dom0 itself exposes (its disks, USB) to restored VMs",
     "network-identity": "restore fixed IP and MAC addresses (another VM's would take its traffic)",
+    "gui-spoofing": "let restored VMs go fullscreen or use look-alike (UTF-8) window titles",
 }
 
 
