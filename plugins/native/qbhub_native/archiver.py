@@ -78,7 +78,7 @@ def run_session(
     writer = BlobWriter(repo)
     lost = writer.exclude_lost_packs(listing)
     previous = {} if lost else previous_volumes(repo, set(names))
-    writer.reuse_orphan_packs(repo.index.packs(), listing)
+    writer.reuse_orphan_packs(repo.locator.packs(), listing)
     # Reads release the GIL, and a full scan is bound by the disk: enough threads to keep several
     # direct reads in flight (measured: 8 threads read 2 GiB 25-30% faster than 4 on 2 cores).
     workers = workers or 2 * (os.cpu_count() or 2) + 4
@@ -106,12 +106,12 @@ def run_session(
         raw = record.encode()
         record_id = writer.add(BlobType.SESSION, raw)
         writer.close()
-        index = writer.write_index()
+        indexes = writer.write_index()
         repo.body.sessions.append(SessionRef(session_id, record_id, len(raw), record.finished))
-        if index is not None and writer.blobs_restored:
-            repo.body.indexes.insert(0, index)  # its locations replace lost ones
-        elif index is not None:
-            repo.body.indexes.append(index)
+        if writer.blobs_restored:
+            repo.body.indexes[:0] = indexes  # their locations replace lost ones
+        else:
+            repo.body.indexes.extend(indexes)
         repo.commit()
         committed = True
         writer.merge_into_repo()

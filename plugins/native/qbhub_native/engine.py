@@ -22,6 +22,7 @@ from .root import split_root
 from .session import SessionRecord, VolumeRecord
 from .verify import verify_archive
 
+INDEX_CACHE_DIR = "index-cache"  # in the local state directory: see index_cache.py
 CAPABILITIES = frozenset(
     {
         "encryption",
@@ -67,9 +68,7 @@ class NativeEngine(Engine):
         self._repos[id(store)] = repo
         return repo
 
-    def _open_with_passphrase(
-        self, store: Store, *, reuse: Repository | None = None, load_indexes: bool = True
-    ) -> Repository:
+    def _open_with_passphrase(self, store: Store, *, reuse: Repository | None = None) -> Repository:
         return Repository.open(
             store,
             lambda: self.context.passphrase.get(),
@@ -77,7 +76,7 @@ class NativeEngine(Engine):
             reuse=reuse,
             allow_unencrypted=self.context.allow_unencrypted,
             announce=self.context.announce,
-            load_indexes=load_indexes,
+            cache_dir=self.context.state_dir / INDEX_CACHE_DIR,
         )
 
     def _refuse_if_granted(self) -> None:
@@ -101,11 +100,11 @@ class NativeEngine(Engine):
         the facts of that root, the root's exact bytes, and the keys that read it (never the
         passphrase, the master key or its wrapping, nor the ID key that writing needs)."""
         self._refuse_if_granted()
-        repo = self._open_with_passphrase(store, load_indexes=False)
+        repo = self._open_with_passphrase(store)
         return ReadGrant(facts=repo.facts, secret=repo.read_grant(), pinned_root=repo.root_bytes)
 
     def prepare(self, store: Store) -> None:
-        self._open(store)
+        self._open(store).locator  # noqa: B018 - warms the index (cache) up for the backup
 
     def init_archive(self, store: Store, *, encryption: bool) -> dict[str, Any]:
         self._refuse_if_granted()

@@ -1,7 +1,7 @@
 """Pruning: drop sessions, then reclaim space by deleting dead packs and repacking sparse ones.
 
-Protocol (crash-safe at every step): (1) write repacked packs and one consolidated index object,
-(2) write the new root listing the remaining sessions and only that index, (3) delete old packs,
+Protocol (crash-safe at every step): (1) write repacked packs and consolidated index objects,
+(2) write the new root listing the remaining sessions and only those, (3) delete old packs,
 old index objects and any other unreferenced object. A crash before (2) leaves the old archive
 whole plus unreferenced objects; a crash after (2) leaves only garbage the next prune removes.
 """
@@ -18,7 +18,7 @@ from .limits import MAX_PACK
 from .pack import PackEntry
 from .repository import Repository
 from .verify import walk_sessions
-from .writer import BlobWriter, store_index
+from .writer import BlobWriter, split_packs, store_index
 
 DEFAULT_REPACK_BELOW = 0.75  # repack a pack when under this fraction of its bytes is still live
 
@@ -95,11 +95,14 @@ def prune_archive(
         writer.close()
         for name, entries in writer.new_packs.items():
             kept.add_pack(name, entries)
-        written = store_index(repo, kept.by_pack())
-        index = (written[0], written[1]) if written else None
+        indexes = []
+        for part in split_packs(kept.by_pack()):
+            written = store_index(repo, part)
+            if written is not None:
+                indexes.append((written[0], written[1]))
         old_indexes = [n for n, _ in repo.body.indexes]
         repo.body.sessions = remaining
-        repo.body.indexes = [index] if index else []
+        repo.body.indexes = indexes
         repo.commit()
         committed = True
     finally:

@@ -2,8 +2,11 @@
 
 Opening reads the root (size-capped), refuses an unencrypted one unless the user allowed it,
 recalls this machine's memory of the archive ID, unwraps the key, authenticates the body, then
-checks the root against that memory (rollback, substitution) and loads every index the root
-lists. Writing goes through `writer.BlobWriter`; `commit()` writes the new root last.
+checks the root against that memory (rollback, substitution). The index is loaded only when a
+command first needs it: `locator` (lookups: reads, dedup) comes from the local index cache
+(`index_cache.py`) when the repository has a cache directory, so its memory does not grow with
+the archive; `index` (the whole index in memory: verify, prune) is loaded from the index objects.
+Writing goes through `writer.BlobWriter`; `commit()` writes the new root last.
 
 Guarantees: a Repository exists only for a root authenticated under the user's passphrase (or,
 with `allow_unencrypted`, the explicit opt-in, an unencrypted one; or under the keys of a read
@@ -19,6 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from qubes_backup_hub.errors import (
     IntegrityError,
@@ -46,7 +50,8 @@ from .crypto import (
     unwrap_key,
     wrap_key,
 )
-from .index import Index, decode_index
+from .index import Index, PackTable, decode_index
+from .index_cache import CachedIndex, open_cached
 from .limits import MAX_CHUNK_SIZE, MAX_INDEX_OBJECT, MAX_ROOT, MAX_SESSION_RECORD, MIN_CHUNK_SIZE
 from .root import (
     MAX_GENERATION,
@@ -64,6 +69,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 DEFAULT_COMPRESSION_LEVEL = 1
 GRANT_FORMAT = "qbhub-native-read-grant-1"
 Announce = Callable[[ArchiveFacts], None]
+Locator = Index | CachedIndex  # what lookups by ID need: get, in, add_pack, blob_ends, packs
 
 
 def utc_now() -> str:
@@ -206,6 +212,7 @@ class Repository:
         root: AuthenticatedRoot,
         state: LocalState | None,
         first_contact: bool = False,
+        cache_dir: Path | None = None,
     ) -> None:
         self.store = store
         self._master = root.master
@@ -215,9 +222,54 @@ class Repository:
         self.codec = BlobCodec(self.sealer, root.body.compression_level)
         self.state = state  # None: opened with a read grant, never remembers, never writes
         self.fingerprint = root.fingerprint
-        self.index = Index()
+        self.cache_dir = cache_dir  # the local index cache's directory; None: index in memory
+        self._index: Index | None = None
+        self._locator: Locator | None = None
         self.info = OpenInfo(first_contact, root.body.generation, root.body.updated)
         self.root_bytes = root.data  # the stored root this object reflects (open and commit)
+
+    @property
+    def index(self) -> Index:
+        """The whole index in memory, loaded from the index objects on first use."""
+        if self._index is None:
+            self._index = Index()
+            try:
+                self._load_indexes()
+            except BaseException:
+                self._index = None
+                raise
+        return self._index
+
+    @index.setter
+    def index(self, index: Index) -> None:
+        self._index = index
+        self._locator = None
+
+    @property
+    def locator(self) -> Locator:
+        """Lookups by blob ID: the local index cache if there is a cache directory and the whole
+        index is not already in memory, else the in-memory index."""
+        if self._locator is None:
+            if self.cache_dir is None or self._index is not None:
+                self._locator = self.index
+            else:
+                self._locator = open_cached(
+                    self.cache_dir, self.header.archive_id, list(self.body.indexes),
+                    self.index_object_tables,
+                )  # fmt: skip
+        return self._locator
+
+    @property
+    def index_loaded(self) -> bool:
+        """True once the whole index is in memory."""
+        return self._index is not None
+
+    def forget_index(self) -> None:
+        """Drop what was loaded of the index (after a root change it no longer describes)."""
+        if isinstance(self._locator, CachedIndex):
+            self._locator.close()
+        self._index = None
+        self._locator = None
 
     @property
     def read_only(self) -> bool:
@@ -278,7 +330,7 @@ class Repository:
         reuse: Repository | None = None,
         allow_unencrypted: bool = False,
         announce: Announce | None = None,
-        load_indexes: bool = True,
+        cache_dir: Path | None = None,
     ) -> Repository:
         """Open and authenticate the archive; raise on rollback, bad passphrase or damage.
 
@@ -287,7 +339,8 @@ class Repository:
         writer may have committed between our read and our recall) and judge that one, which
         was read after the memory. First contact with (ID, key) is announced; the generation is
         remembered. `reuse`, an earlier opening of the same store, saves the KDF when the header
-        wraps the key identically, and the index when the root is byte-identical.
+        wraps the key identically, and the index when the root is byte-identical. The index is
+        loaded when first used (`locator`, `index`), from the cache in `cache_dir` if given.
         """
         data = read_root(store)
         header = split_root(data)[1]
@@ -315,11 +368,9 @@ class Repository:
         if known is None and announce is not None:
             announce(facts)
         check_rollback(known, facts)
-        repo = cls(store, root, state, first_contact=known is None)
+        repo = cls(store, root, state, first_contact=known is None, cache_dir=cache_dir)
         if reuse is not None and reuse.root_bytes == root.data:
-            repo.index = reuse.index
-        elif load_indexes:
-            repo._load_indexes()
+            repo._index, repo._locator = reuse._index, reuse._locator
         state.remember(archive_id, facts.fingerprint, facts.generation)
         return repo
 
@@ -337,9 +388,7 @@ class Repository:
         keys = Keys.for_reading(suite, key)
         body = open_body(raw_header, sealed, Sealer(keys))
         check_geometry(body)
-        repo = cls(store, AuthenticatedRoot(data, header, body, keys, None, ""), None)
-        repo._load_indexes()
-        return repo
+        return cls(store, AuthenticatedRoot(data, header, body, keys, None, ""), None)
 
     def read_grant(self) -> dict[str, str]:
         """The secret a restore worker needs to read this archive: the archive ID, the suite and
@@ -360,20 +409,24 @@ class Repository:
 
     def index_object_entries(self, name: str, raw_length: int, into: Index) -> None:
         """Read, authenticate and decode index object `name` into `into`."""
+        for table in self.index_object_tables(name, raw_length):
+            into.add_table(table)
+
+    def index_object_tables(self, name: str, raw_length: int) -> list[PackTable]:
+        """Read, authenticate and decode index object `name` into its pack tables."""
         if not name.startswith("i") or len(name) != 65 or raw_length > MAX_INDEX_OBJECT:
             raise IntegrityError(f"the root lists a malformed index object {name!r}")
         index_id = bytes.fromhex(name[1:])
         # A sealed index is never longer than its raw form + flag byte + sealing overhead.
         sealed = self.store.get(name, raw_length + 1 + self.sealer.overhead)
         plain = self.codec.decode(BlobType.INDEX, index_id, sealed, raw_length)
-        for table in decode_index(plain):
-            into.add_table(table)
+        return decode_index(plain)
 
     # -- reading ----------------------------------------------------------------------------
 
     def read_blob(self, blob_id: bytes, type_code: int, max_length: int) -> bytes:
         """Fetch, authenticate and decompress one blob of the expected type."""
-        loc = self.index.get(blob_id)
+        loc = self.locator.get(blob_id)
         if loc is None:
             raise IntegrityError(
                 f"{BlobType(type_code).name.lower()} blob {blob_id.hex()[:16]} is missing "

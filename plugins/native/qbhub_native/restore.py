@@ -53,7 +53,7 @@ def plan_runs(repo: Repository, volume: VolumeRecord) -> Iterator[Run | int]:
             if blob_id == ZERO_ID:
                 yield first + k
                 continue
-            loc = repo.index.get(blob_id)
+            loc = repo.locator.get(blob_id)
             if loc is None or loc.type_code != BlobType.DATA:
                 raise IntegrityError(
                     f"chunk {first + k} of volume {volume.name} ({blob_id.hex()[:16]}) is missing "

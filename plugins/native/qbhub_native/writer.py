@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 from collections import deque
+from collections.abc import Container
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from qubes_backup_hub.errors import QbhubError, StoreError
@@ -30,9 +31,12 @@ from .pack import (
     plausible_size,
     read_trailer,
 )
-from .repository import Repository
+from .repository import Locator, Repository
 
 MAX_UPLOADS_IN_FLIGHT = 2
+# Entries per index object: 45 bytes each, so about 45 MiB, well under MAX_INDEX_OBJECT even for
+# a pack of the largest possible entry count (a 64 MiB pack of 4 KiB blobs holds 16,384).
+MAX_INDEX_ENTRIES = 1 << 20
 
 
 class BlobWriter:
@@ -42,10 +46,10 @@ class BlobWriter:
         self,
         repo: Repository,
         pack_target: int = DEFAULT_PACK_TARGET,
-        known_index: Index | None = None,
+        known_index: Locator | None = None,
     ) -> None:
         self.repo = repo
-        self.known_index = repo.index if known_index is None else known_index
+        self.known_index = repo.locator if known_index is None else known_index
         self.pack_target = pack_target
         self.builder = PackBuilder(repo.sealer, pack_target)
         self.pending: set[bytes] = set()
@@ -132,7 +136,7 @@ class BlobWriter:
             self.builder.recycle(buffer)
 
     def reuse_orphan_packs(
-        self, referenced: set[str], listing: dict[str, int] | None = None
+        self, referenced: Container[str], listing: dict[str, int] | None = None
     ) -> int:
         """Adopt packs a crashed run uploaded but never committed; return how many in place.
 
@@ -194,30 +198,54 @@ class BlobWriter:
             future.exception()
         self.pool.shutdown(wait=True)
 
-    def write_index(self) -> tuple[str, int] | None:
-        """Store this writer's index object; return (name, raw length), or None if empty."""
-        written = store_index(self.repo, self.new_packs)
-        if written is not None:
-            self.bytes_written += written[2]
-            return written[0], written[1]
-        return None
+    def write_index(self) -> list[tuple[str, int]]:
+        """Store this writer's index objects; return their (name, raw length), none if empty."""
+        out: list[tuple[str, int]] = []
+        for part in split_packs(self.new_packs):
+            written = store_index(self.repo, part)
+            if written is not None:
+                self.bytes_written += written[2]
+                out.append((written[0], written[1]))
+        return out
 
     def merge_into_repo(self) -> None:
         """After commit: make this writer's blobs part of the repository's index.
 
         When blobs were stored again (their pack was lost), this writer's locations come first,
-        as its index object comes first in the root.
+        as its index object comes first in the root: the index is then loaded again when next
+        used (the index cache is rebuilt, as its list of index objects no longer matches).
         """
-        if not self.blobs_restored:
-            for name, entries in self.new_packs.items():
-                self.repo.index.add_pack(name, entries)
+        if self.blobs_restored:
+            self.repo.forget_index()
             return
-        merged = Index()
         for name, entries in self.new_packs.items():
-            merged.add_pack(name, entries)
-        for table in self.repo.index.tables():
-            merged.add_table(table)
-        self.repo.index = merged
+            self.repo.locator.add_pack(name, entries)
+            if self.repo.index_loaded and self.repo.locator is not self.repo.index:
+                self.repo.index.add_pack(name, entries)
+
+
+def split_packs(
+    packs: dict[str, list[PackEntry]], max_entries: int | None = None
+) -> list[dict[str, list[PackEntry]]]:
+    """`packs` in parts of at most `max_entries` entries (a pack is never split), name order.
+
+    One index object per part: readers refuse an object larger than MAX_INDEX_OBJECT, which a
+    single object for a large full backup (millions of chunks) would exceed.
+    """
+    limit = MAX_INDEX_ENTRIES if max_entries is None else max_entries
+    parts: list[dict[str, list[PackEntry]]] = []
+    part: dict[str, list[PackEntry]] = {}
+    count = 0
+    for name in sorted(packs):
+        entries = packs[name]
+        if part and count + len(entries) > limit:
+            parts.append(part)
+            part, count = {}, 0
+        part[name] = entries
+        count += len(entries)
+    if part:
+        parts.append(part)
+    return parts
 
 
 def store_index(repo: Repository, packs: dict[str, list[PackEntry]]) -> tuple[str, int, int] | None:

@@ -1,0 +1,295 @@
+"""Scale benchmark of the native engine: memory and start-up against the number of chunks stored.
+
+How the archives are built (cheaply, and honestly for what is measured): a generator stream
+hands the engine a volume of unique chunks of the archive's chunk size (4 KiB by default, the
+smallest the format allows): chunk ``i`` is its 8-byte number, a tag naming the bulk volume, and
+zeros. Every chunk is distinct, so the engine hashes, seals, packs and indexes each one exactly as
+it would real data, and the archive's index holds one entry per chunk; but each compresses to a
+few dozen bytes, so 1M chunks cost seconds of CPU and a few tens of MB of disk instead of 64 GiB.
+What that makes unlike real data: packs hold tens of thousands of chunks instead of ~130, so the
+archive has fewer packs (per-pack costs are understated; per-chunk costs, the index, are not).
+The engine reads the generator in-process (``--_build``); every measured command is the ``qbhub``
+command line in a fresh process, as a user runs it.
+
+Measured at each size (the archive grows by adding bulk volumes, so every size reuses the last):
+- ``backup``: an incremental of an unchanged small volume (4 MiB of random data, backed up once
+  before the first size), the plain provider: the whole volume is read and every chunk is looked
+  up in the index;
+- ``list``, ``restore`` (of that small volume), ``diff`` (of it against its file);
+- ``build``: the bulk backup that grew the archive (a full backup of new data).
+Each step reports wall time and peak RSS (``os.wait4`` of the child, and the PSS of its process
+tree, see measure.py); then a least-squares line per step and metric is extrapolated to 64M
+chunks (4 TiB of 64 KiB chunks). ``--drop-caches`` drops the page cache before each step (root).
+
+Usage: bench/bench_scale.py [--sizes 1M,4M] [--quick] [--workdir DIR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import CacheDropper, StepResult, run_measured
+
+PASSPHRASE = "bench-scale passphrase"
+CHUNK = 4096
+SMALL_BYTES = 4 * 1024 * 1024
+TARGET = 64 * 1024 * 1024  # extrapolate to 64M chunks: 4 TiB of 64 KiB chunks
+QUICK_SIZES = [16_384, 65_536]
+DEFAULT_SIZES = [1 << 20]
+LARGE_SIZES = [1 << 20, 4 << 20, 16 << 20]
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("build", "backup", "list", "restore", "diff")
+
+
+class GeneratedStream:
+    """A VolumeStream of `chunks` unique, well-compressing chunks (see the module docstring)."""
+
+    def __init__(self, chunks: int, tag: int, chunk_size: int = CHUNK) -> None:
+        self.size = chunks * chunk_size
+        self.chunk_size = chunk_size
+        self.tag = struct.pack("<Q", tag)
+
+    def data_extents(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        stop = self.size if end is None else min(end, self.size)
+        if start < stop:
+            yield start, stop - start
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> int:
+        c = self.chunk_size
+        n = min(len(buf), self.size - offset)
+        view = memoryview(buf)
+        view[:n] = bytes(n)
+        for pos in range(0, n, c):
+            head = struct.pack("<Q", (offset + pos) // c) + self.tag
+            view[pos : pos + min(16, n - pos)] = head[: min(16, n - pos)]
+        return n
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> GeneratedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build(archive: Path, home: Path, chunks: int, tag: int) -> None:
+    """In this process: back up a generated volume of `chunks` chunks as volume bulk-TAG."""
+    from qbhub_native.engine import NativeEngine
+
+    from qubes_backup_hub.engine import EngineContext, VolumeSource
+    from qubes_backup_hub.passphrase import PassphraseSource
+    from qubes_backup_hub.progress import Progress
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    hook = SimpleNamespace(
+        qbhub_open_stream=lambda path: GeneratedStream(chunks, tag),
+        qbhub_validate_restore=lambda header: None,
+    )
+    context = EngineContext(
+        hook=hook,  # type: ignore[arg-type]
+        passphrase=PassphraseSource(value=PASSPHRASE.encode()),
+        state_dir=home,
+        progress=Progress(enabled=False),
+    )
+    engine = NativeEngine(context)
+    store = LocalDirStore(archive)
+    engine.backup(store, [VolumeSource(name=f"bulk-{tag}", path=f"generated:{tag}")])
+
+
+def qbhub_argv() -> list[str]:
+    beside = Path(sys.executable).parent / "qbhub"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "qubes_backup_hub"]
+
+
+class Bench:
+    """One archive grown through the sizes, with every step measured at each."""
+
+    def __init__(self, workdir: Path, drop: bool) -> None:
+        self.workdir = workdir
+        self.archive = workdir / "archive"
+        self.home = workdir / "home"
+        self.small = workdir / "small.img"
+        self.out = workdir / "restored.img"
+        self.log = workdir / "steps.log"
+        self.dropper = CacheDropper(enabled=drop)
+        self.env = {
+            **os.environ,
+            "QBHUB_HOME": str(self.home),
+            "QBHUB_PASSPHRASE": PASSPHRASE,
+            # This checkout's code first (a copy of the tree benchmarks its own code).
+            "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("", "plugins/native")),
+        }
+        self.chunks = 0
+        self.tag = 0
+
+    def step(self, name: str, argv: list[str]) -> StepResult:
+        self.dropper.drop()
+        result = run_measured("native", name, argv, self.env, self.log)
+        if not result.ok:
+            tail = self.log.read_text(errors="replace").splitlines()[-15:]
+            raise SystemExit(f"step {name} failed ({result.returncode}):\n" + "\n".join(tail))
+        return result
+
+    def setup(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.small.write_bytes(os.urandom(SMALL_BYTES))
+        q = qbhub_argv()
+        self.step("init", [*q, "init", "--dest", str(self.archive), "--chunk-size", str(CHUNK)])
+        self.step(
+            "first",
+            [*q, "volume", "backup", "--dest", str(self.archive), f"{self.small}=small", "--json"],
+        )
+
+    def grow_to(self, chunks: int) -> StepResult:
+        self.tag += 1
+        argv = [
+            sys.executable,
+            __file__,
+            "--_build",
+            str(self.archive),
+            str(self.home),
+            str(chunks - self.chunks),
+            str(self.tag),
+        ]
+        result = self.step("build", argv)
+        self.chunks = chunks
+        return result
+
+    def measure(self) -> dict[str, StepResult]:
+        q, dest = qbhub_argv(), ["--dest", str(self.archive)]
+        self.out.unlink(missing_ok=True)
+        return {
+            "backup": self.step(
+                "backup", [*q, "volume", "backup", *dest, f"{self.small}=small", "--json"]
+            ),
+            "list": self.step("list", [*q, "list", *dest, "--json"]),
+            "restore": self.step(
+                "restore", [*q, "volume", "restore", *dest, "small", "--to", str(self.out)]
+            ),
+            "diff": self.step("diff", [*q, "diff", *dest, "small", str(self.small)]),
+        }
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of y over x; slope 0 from a single point."""
+    if len(points) < 2:
+        return (points[0][1] if points else 0.0), 0.0
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+def mib(n: float) -> float:
+    return n / (1024 * 1024)
+
+
+def report(rows: list[dict[str, Any]], cache_bytes: dict[int, int]) -> list[str]:
+    """The table of measured numbers and the extrapolation to TARGET chunks."""
+    lines = [f"{'chunks':>10} {'step':<8} {'wall s':>8} {'peak MiB':>9}"]
+    for row in rows:
+        lines.append(
+            f"{row['chunks']:>10} {row['step']:<8} {row['wall']:>8.2f} {mib(row['peak_rss']):>9.1f}"
+        )
+    for chunks, size in sorted(cache_bytes.items()):
+        lines.append(
+            f"{chunks:>10} local state {mib(size):.1f} MiB "
+            f"({size / max(chunks, 1):.1f} bytes/chunk)"
+        )
+    lines.append(f"extrapolated to {TARGET} chunks (least squares over the sizes measured):")
+    for step in STEPS:
+        mine = [r for r in rows if r["step"] == step]
+        if not mine:
+            continue
+        a_t, b_t = fit([(r["chunks"], r["wall"]) for r in mine])
+        a_m, b_m = fit([(r["chunks"], r["peak_rss"]) for r in mine])
+        per_chunk = b_m
+        if step == "build":  # a build adds chunks: per added chunk, not per chunk held
+            lines.append(f"  build: {per_chunk:.1f} bytes of peak RSS per chunk held")
+            continue
+        wall, peak = a_t + b_t * TARGET, mib(a_m + b_m * TARGET)
+        lines.append(
+            f"  {step:<8} wall {wall:8.2f} s   peak {peak:9.1f} MiB   ({per_chunk:.2f} bytes/chunk)"
+        )
+    return lines
+
+
+def run(sizes: list[int], workdir: Path, drop: bool) -> dict[str, Any]:
+    bench = Bench(workdir, drop)
+    bench.setup()
+    rows: list[dict[str, Any]] = []
+    cache_bytes: dict[int, int] = {}
+    for size in sorted(sizes):
+        started = time.perf_counter()
+        built = bench.grow_to(size)
+        steps = {"build": built, **bench.measure()}
+        for name, result in steps.items():
+            rows.append(
+                {
+                    "chunks": size,
+                    "step": name,
+                    "wall": result.wall,
+                    "peak_rss": result.peak_rss,
+                    "maxrss": result.maxrss,
+                }
+            )
+        cache_bytes[size] = sum(p.stat().st_size for p in bench.home.rglob("*") if p.is_file())
+        print(f"# {size} chunks measured in {time.perf_counter() - started:.0f} s", flush=True)
+    lines = report(rows, cache_bytes)
+    print("\n".join(lines), flush=True)
+    return {"rows": rows, "local_state_bytes": cache_bytes, "report": lines}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+    return int(text.rstrip("KM")) * scale
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "--_build":
+        archive, home, chunks, tag = args[1:5]
+        build(Path(archive), Path(home), int(chunks), int(tag))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", help="comma-separated chunk counts (e.g. 1M,4M,16M)")
+    parser.add_argument("--large", action="store_true", help="1M, 4M and 16M chunks (slow)")
+    parser.add_argument("--quick", action="store_true", help="16K and 64K chunks (< 2 minutes)")
+    parser.add_argument("--workdir", type=Path, help="keep the archive here (default: a temp dir)")
+    parser.add_argument("--drop-caches", action="store_true", help="drop the page cache per step")
+    parser.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+    opts = parser.parse_args(args)
+    if opts.sizes:
+        sizes = [parse_size(s) for s in opts.sizes.split(",")]
+    else:
+        sizes = QUICK_SIZES if opts.quick else LARGE_SIZES if opts.large else DEFAULT_SIZES
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="qbhub-bench-scale-"))
+    try:
+        result = run(sizes, workdir, opts.drop_caches)
+    finally:
+        if opts.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if opts.json:
+        opts.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The local index cache (index_cache.py): same answers as the in-memory index, rebuilt when stale.
+
+Memory at scale is measured by bench/bench_scale.py; these tests pin what makes the cache safe to
+use in its place: the archive's precedence rule (first occurrence in root order wins), updates
+by the index objects committed since the file was built, rebuilds when the root's index list no
+longer extends the covered one, and recovery from a missing, truncated or damaged file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Qbhub, rewrite_blocks, write_image
+from qbhub_native import index_cache
+from qbhub_native.index import Index, PackTable
+from qbhub_native.index_cache import CachedIndex, DiskIndex, build_cache, open_cached
+from qbhub_native.pack import ENTRY
+
+ARCHIVE_ID = "ab" * 16
+
+
+def pack_name(k: int) -> str:
+    return "p" + hashlib.sha256(str(k).encode()).hexdigest()
+
+
+def table(pack: int, ids: list[bytes], type_code: int = 1) -> PackTable:
+    records = b"".join(
+        ENTRY.pack(type_code, blob_id, 4096 * k, 100 + k, 1000 + k) for k, blob_id in enumerate(ids)
+    )
+    return PackTable(pack_name(pack), records)
+
+
+def synthetic(seed: int, objects: int, per_pack: int) -> dict[str, list[PackTable]]:
+    """Index objects of random IDs, one pack each, with some IDs repeated across objects."""
+    rng = random.Random(seed)
+    out: dict[str, list[PackTable]] = {}
+    earlier: list[bytes] = []
+    for k in range(objects):
+        ids = [rng.randbytes(32) for _ in range(per_pack)]
+        if earlier:
+            ids[::7] = rng.sample(earlier, len(ids[::7]))  # dedup of an earlier object's blobs
+        earlier.extend(ids)
+        out[f"i{k:064x}"] = [table(k, ids, type_code=1 + k % 3)]
+    return out
+
+
+def ids_of(tables: list[PackTable]) -> list[bytes]:
+    return [bytes(r[1]) for t in tables for r in ENTRY.iter_unpack(t.records)]
+
+
+def reference(objects: dict[str, list[PackTable]], names: list[str]) -> Index:
+    index = Index()
+    for name in names:
+        for t in objects[name]:
+            index.add_table(t)
+    return index
+
+
+def listing(objects: dict[str, list[PackTable]]) -> list[tuple[str, int]]:
+    return [(name, 1000 + k) for k, name in enumerate(objects)]
+
+
+def assert_same(cached: CachedIndex, ref: Index, probes: list[bytes]) -> None:
+    for blob_id in probes:
+        assert cached.get(blob_id) == ref.get(blob_id)
+        assert (blob_id in cached) == (blob_id in ref)
+    assert cached.blob_ends() == ref.blob_ends()
+    for pack in ref.packs():
+        assert pack in cached.packs()
+    assert pack_name(10**6) not in cached.packs()
+
+
+def test_cache_answers_like_the_index(tmp_path: Path) -> None:
+    """Every ID, with the first location in root order; unknown IDs absent; packs and ends."""
+    objects = synthetic(1, 12, 300)
+    indexes = listing(objects)
+    reads: list[str] = []
+
+    def read(name: str, raw_length: int) -> list[PackTable]:
+        reads.append(name)
+        return objects[name]
+
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, read)
+    ref = reference(objects, list(objects))
+    ids = [i for ts in objects.values() for i in ids_of(ts)]
+    assert_same(cached, ref, ids + [os.urandom(32) for _ in range(200)])
+    assert len(cached.disk) == len(ref)
+    assert reads == list(objects)
+    cached.close()
+    (path,) = tmp_path.glob("*.idx")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary files are left"
+
+
+def test_new_index_objects_are_read_on_top_of_the_file(tmp_path: Path) -> None:
+    """A root listing two more objects: only those are read, after the file, and agree."""
+    objects = synthetic(2, 8, 200)
+    names = list(objects)
+    indexes = listing(objects)
+    open_cached(tmp_path, ARCHIVE_ID, indexes[:6], lambda n, _: objects[n]).close()
+    reads: list[str] = []
+
+    def read(name: str, raw_length: int) -> list[PackTable]:
+        reads.append(name)
+        return objects[name]
+
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, read)
+    assert reads == names[6:]
+    ids = ids_of(objects[names[7]])
+    assert_same(cached, reference(objects, names), ids)
+    cached.close()
+
+
+def test_an_index_list_that_does_not_extend_the_file_rebuilds_it(tmp_path: Path) -> None:
+    """A prune (new list) or a backup putting its object first: the file is rebuilt."""
+    objects = synthetic(3, 6, 100)
+    names = list(objects)
+    indexes = listing(objects)
+    open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n]).close()
+    reordered = [indexes[-1], *indexes[:-1]]
+    reads: list[str] = []
+
+    def read(name: str, raw_length: int) -> list[PackTable]:
+        reads.append(name)
+        return objects[name]
+
+    cached = open_cached(tmp_path, ARCHIVE_ID, reordered, read)
+    assert reads == [n for n, _ in reordered]
+    order = [names[-1], *names[:-1]]
+    ids = ids_of(objects[names[-1]])
+    assert_same(cached, reference(objects, order), ids)
+    cached.close()
+
+
+def test_too_many_new_objects_rebuild_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    objects = synthetic(4, 6, 50)
+    indexes = listing(objects)
+    open_cached(tmp_path, ARCHIVE_ID, indexes[:1], lambda n, _: objects[n]).close()
+    monkeypatch.setattr(index_cache, "MAX_EXTRA_OBJECTS", 2)
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+    assert cached.disk.layout.covered == len(indexes) and len(cached.extra) == 0
+    cached.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "extended", "bad-magic", "other-archive"])
+def test_a_damaged_or_foreign_file_is_rebuilt(tmp_path: Path, damage: str) -> None:
+    objects = synthetic(5, 4, 100)
+    indexes = listing(objects)
+    path = tmp_path / f"{ARCHIVE_ID}.idx"
+    build_cache(path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:-10])
+    elif damage == "extended":
+        path.write_bytes(data + b"\0")
+    elif damage == "bad-magic":
+        path.write_bytes(b"X" + data[1:])
+    else:
+        other = tmp_path / "other.idx"
+        build_cache(other, "cd" * 16, indexes, lambda n, _: objects[n])
+        os.replace(other, path)
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+    ids = ids_of(objects[next(iter(objects))])
+    assert_same(cached, reference(objects, list(objects)), ids)
+    cached.close()
+    DiskIndex(path).close()  # sound again
+
+
+def test_an_empty_archive_has_an_empty_cache(tmp_path: Path) -> None:
+    cached = open_cached(tmp_path, ARCHIVE_ID, [], lambda n, _: [])
+    assert os.urandom(32) not in cached and cached.blob_ends() == {}
+    cached.close()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_commands_use_the_cache_and_survive_losing_it(tmp_path: Path, qbhub: Qbhub) -> None:
+    """Backups, list, restore and diff through the cache; deleted or damaged, it is rebuilt."""
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", 96, seed=3)
+    qbhub.run("init", "--dest", archive)
+    first = qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    cache = qbhub.home / "index-cache" / f"{first['archive_id']}.idx"
+    assert cache.is_file()
+    digest = sha256(image)
+    rewrite_blocks(image, [5, 50])
+    second = qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    assert second["volumes"][0]["chunks_new"] <= 4, "dedup through the cache"
+    for damage in ("none", "deleted", "truncated"):
+        if damage == "deleted":
+            cache.unlink()
+        elif damage == "truncated":
+            cache.write_bytes(cache.read_bytes()[:100])
+        listed = qbhub.json("list", "--dest", archive)
+        assert [s["session"] for s in listed["sessions"]] == [first["session"], second["session"]]
+        out = tmp_path / f"out-{damage}.img"
+        qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out,
+                  "--session", first["session"])  # fmt: skip
+        assert sha256(out) == digest
+        diff = qbhub.json("diff", "--dest", archive, "disk", image)
+        assert diff["identical"]
+    third = qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    assert third["volumes"][0]["chunks_new"] == 0
+    qbhub.run("verify", "--dest", archive)
+
+
+def test_split_packs_bounds_entries_per_index_object() -> None:
+    """Parts of at most N entries, packs whole and in name order, nothing lost."""
+    from qbhub_native.pack import PackEntry
+    from qbhub_native.writer import split_packs
+
+    packs = {pack_name(k): [PackEntry(1, os.urandom(32), 0, 1, 1)] * (k + 1) for k in range(10)}
+    parts = split_packs(packs, max_entries=12)
+    assert all(sum(len(e) for e in part.values()) <= 12 for part in parts)
+    assert [n for part in parts for n in part] == sorted(packs)
+    big = split_packs({pack_name(1): [PackEntry(1, os.urandom(32), 0, 1, 1)] * 20}, max_entries=12)
+    assert len(big) == 1, "a pack is never split"
+
+
+def backup_in_process(qbhub: Qbhub, archive: Path, image: Path) -> dict[str, Any]:
+    """`qbhub volume backup` run in this process (so that a test can patch the engine)."""
+    from types import SimpleNamespace
+
+    from qbhub_native.engine import NativeEngine
+
+    from qubes_backup_hub.engine import EngineContext, VolumeSource
+    from qubes_backup_hub.passphrase import PassphraseSource
+    from qubes_backup_hub.progress import Progress
+    from qubes_backup_hub.store.local import LocalDirStore
+    from qubes_backup_hub.stream.file import qbhub_open_stream
+
+    context = EngineContext(
+        hook=SimpleNamespace(qbhub_open_stream=qbhub_open_stream),  # type: ignore[arg-type]
+        passphrase=PassphraseSource(value=qbhub.env["QBHUB_PASSPHRASE"].encode()),
+        state_dir=qbhub.home,
+        progress=Progress(enabled=False),
+    )
+    return NativeEngine(context).backup(
+        LocalDirStore(archive), [VolumeSource(name="disk", path=str(image))]
+    )
+
+
+def test_a_large_session_writes_several_index_objects(
+    tmp_path: Path, qbhub: Qbhub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session over the per-object entry limit: several objects, all listed, all readable."""
+    from qbhub_native import writer
+
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", 160, seed=8)
+    qbhub.run("init", "--dest", archive)
+    monkeypatch.setattr(writer, "MAX_INDEX_ENTRIES", 40)
+    result = backup_in_process(qbhub, archive, image)
+    assert result["packs_written"] >= 2
+    objects = list((archive / "objects").glob("*/i*"))
+    assert len(objects) >= 2
+    out = tmp_path / "out.img"
+    qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
+    assert sha256(out) == sha256(image)
+    qbhub.run("verify", "--dest", archive)
+
+
+def test_a_backup_sets_its_own_entries_aside_and_still_deduplicates(
+    tmp_path: Path, qbhub: Qbhub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts of the session's index set aside on disk still answer its dedup checks."""
+    from qbhub_native import writer
+
+    archive = tmp_path / "archive"
+    half = write_image(tmp_path / "half.img", 160, seed=9, zero_fraction=0.0)
+    image = tmp_path / "disk.img"
+    image.write_bytes(half.read_bytes() * 2)  # the second half repeats the first
+    qbhub.run("init", "--dest", archive)
+    monkeypatch.setattr(writer, "MAX_INDEX_ENTRIES", 20)
+    result = backup_in_process(qbhub, archive, image)
+    assert result["volumes"][0]["chunks_new"] == 160
+    assert len(list((archive / "objects").glob("*/i*"))) >= 2
+    cache_dir = qbhub.home / "index-cache"
+    assert [p.name for p in cache_dir.iterdir()] == [f"{result['archive_id']}.idx"]
+    out = tmp_path / "out.img"
+    qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
+    assert sha256(out) == sha256(image)
+    again = qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    assert again["volumes"][0]["chunks_new"] == 0
+    qbhub.run("verify", "--dest", archive)
