@@ -134,6 +134,7 @@ CLASS_LACKS = {
 CLASS_DEFAULTS = {"appvm_default_bootmode": ("str", "default"), "is_preload": ("bool", "False")}
 
 
+DEFAULT_TEMPLATE = "fedora-40-xfce"  # dom0's default_template (admin.property.Get)
 POOLS = {
     "varlibqubes": {
         "dir_path": "/var/lib/qubes",
@@ -639,7 +640,12 @@ class FakeQubesd:
             raise QubesError("QubesValueError", f"VM {name} already exists")
         if template:
             self.vm(template)
+        elif klass == "AppVM":
+            template = DEFAULT_TEMPLATE  # qubesd: the default template, as if named
+        elif klass == "DispVM":
+            template = self.vms["dom0"].props["default_dispvm"][1]
         vm = make_vm(name, klass, kwargs.get("pool", "vm-pool"), template, label=kwargs["label"])
+        vm.features = {}  # a new VM has none (the seeded ones got theirs from their templates)
         self.vms[name] = vm
         return ""
 
