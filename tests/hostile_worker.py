@@ -169,6 +169,8 @@ def main() -> None:
     data = b"\x5a" * SIZE
     if scenario == "showjob":
         send(out, FAIL, raw_job[:1000])
+    elif scenario == "failescape":  # terminal control sequences: clear screen, a fake success
+        send(out, FAIL, b"\x1b[2J\x1b[H\rqbhub: restore complete\x07\x1b]0;title\x07")
     elif scenario == "exfil":
         # try to smuggle data to storage in an object name, then to read the root
         reply = ask(out, inp, "get", b"0123456789abcdef0123456789abcdef\n4096")

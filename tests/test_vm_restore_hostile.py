@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
-from qubes_backup_hub.errors import IntegrityError, QbhubError, ValidationError
+from qubes_backup_hub.errors import IntegrityError, NotFoundError, QbhubError, ValidationError
+from qubes_backup_hub.jobs.backup import backup_vms
 from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
 from qubes_backup_hub.passphrase import PassphraseSource
 from qubes_backup_hub.platform.base import VMSettings
@@ -335,3 +336,50 @@ def test_an_honest_stream_from_the_same_worker_is_imported(
     assert "good" in world.vm_names()
     (volume,) = world.platform.vm_volumes("good")
     assert Path(volume.path).read_bytes() == b"\x5a" * SIZE
+
+
+def test_a_workers_failure_text_reaches_the_terminal_escaped(world: World) -> None:
+    with pytest.raises(QbhubError) as failure:
+        world.restore("failescape")
+    message = str(failure.value)
+    assert message.isprintable() and "\x1b" not in message, repr(message)
+    assert sorted(world.vm_names()) == sorted(ORIGINAL_VMS)
+
+
+def restore_all(world: World, session: str, **request: Any) -> dict[str, Any]:
+    with closing(world.store()) as store:
+        return restore_vms(
+            world.platform,
+            store,
+            load_registry().pm.hook,
+            engine(world.state),
+            RestoreRequest(vms=[], all_vms=True, session=session, **request),
+        )
+
+
+def test_all_of_a_session_without_vms_creates_nothing(world: World) -> None:
+    """--all takes the session's VMs from dom0's own reading of the session record: the world's
+    session holds one plain volume and no VM, so whatever the worker would send, nothing is
+    created or replaced (the worker once chose VMs to create and, with --replace, to overwrite)."""
+    before = snapshot_of(world.platform.root)
+    for replace in (False, True):
+        with pytest.raises(NotFoundError, match="holds no VM"):
+            restore_all(world, world.session, replace=replace)
+    assert snapshot_of(world.platform.root) == before
+
+
+def test_all_refuses_vms_the_session_does_not_hold(world: World) -> None:
+    """A VM backup of `extravms` (the scenario where the worker adds two VMs, one a network
+    VM): with --all and --replace, dom0 expects exactly `extravms` and refuses the rest."""
+    p = world.platform
+    settings = VMSettings("extravms", "AppVM", properties={"label": "red", "template": "fedora"})
+    p.create_vm(settings, size=SIZE)
+    with closing(world.store()) as store:
+        registry = load_registry()
+        done = backup_vms(p, engine(world.state), store, registry.pm.hook, ["extravms"])
+    p.remove_vm("extravms")
+    before = snapshot_of(p.root)
+    with pytest.raises(IntegrityError, match="other VMs than asked"):
+        restore_all(world, done["session"], replace=True)
+    assert snapshot_of(p.root) == before
+    assert sorted(world.vm_names()) == sorted(ORIGINAL_VMS)

@@ -274,7 +274,7 @@ def demo(workdir: Path | None, size_mib: int, json_output: bool) -> None:
     archive_dir = source.vm_home(BACKUP_VM) / "qbhub-archives" / ARCHIVE
     steps.run(
         "restore all onto an empty platform",
-        lambda: restore(empty, LocalDirStore(archive_dir), RestoreRequest(vms=[])),
+        lambda: restore(empty, LocalDirStore(archive_dir), RestoreRequest(vms=[], all_vms=True)),
         restore_detail,
     )
     checks = compare(

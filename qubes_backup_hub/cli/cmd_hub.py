@@ -117,6 +117,8 @@ def restore(
     state = cli_state(json_output)
     if not vms and not all_vms:
         raise UsageError("name the VMs to restore, or give --all")
+    if vms and all_vms:
+        raise UsageError("name the VMs to restore or give --all, not both")
     if session:
         check_session_id(session)
     request = RestoreRequest(

@@ -16,6 +16,7 @@ checked once without importing, and only then imported from a second run of the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from ..safety.restore_channel import (
     send,
 )
 from ..safety.restore_header import RestoreHeader, RestoreVM, RestoreVolume
+from ..safety.text import shown
 from ..safety.vm_rules import (
     PROPERTIES,
     VM_REF,
@@ -114,8 +116,8 @@ class WorkerChannel:
                 self.process.stdin.flush()
                 continue
             if kind == FAIL:
-                reason = payload.decode("utf-8", "replace").splitlines()[0] if payload else ""
-                raise QbhubError(f"the restore worker failed: {reason[:300]}")
+                reason = shown(payload.split(b"\n", 1)[0]) if payload else "no reason given"
+                raise QbhubError(f"the restore worker failed: {reason}")
             return kind, payload
 
     def _answer(self, query: bytes) -> bytes:
@@ -220,14 +222,14 @@ def check_asked_for(header: RestoreHeader, grant: ReadGrant, request: RestoreReq
     names = [vm.name for vm in header.vms]
     if len(set(names)) != len(names):
         raise IntegrityError("the restore worker sent a VM twice")
-    if request.vms:
-        wanted = {request.renames.get(n, n) for n in request.vms}
-        if set(names) != wanted:
-            extra = sorted(set(names) - wanted)[:3]
-            raise IntegrityError(
-                "the restore worker sent other VMs than asked for"
-                + (f" ({', '.join(extra)})" if extra else "")
-            )
+    # Always exact: with --all, `request.vms` holds what dom0 read from the session itself.
+    wanted = {request.renames.get(n, n) for n in request.vms}
+    if set(names) != wanted:
+        extra = sorted(set(names) - wanted)[:3]
+        raise IntegrityError(
+            "the restore worker sent other VMs than asked for"
+            + (f" ({', '.join(shown(n, 40) for n in extra)})" if extra else "")
+        )
 
 
 def dependency_order(vms: tuple[RestoreVM, ...]) -> list[RestoreVM]:
@@ -282,10 +284,37 @@ def restore_vms(
     for new in request.renames.values():
         check_vm_name(new, "--rename")
     grant = engine.grant_read(store)
+    if request.all_vms:  # the VMs the session holds, as dom0 itself reads them
+        request = dataclasses.replace(request, vms=session_vms(engine, store, request.session))
     listing = dict(store.list())
     if request.replace or request.data_only:
         _run_worker(platform, store, hook, grant, listing, request, do_import=False)
     return _run_worker(platform, store, hook, grant, listing, request, do_import=True)
+
+
+def session_vms(engine: Engine, store: Store, session: str | None) -> list[str]:
+    """The names of the VMs a session holds, read by dom0's own engine from the authenticated
+    session record (never from the worker, which could name any VM it wants created or, with
+    --replace, overwritten)."""
+    try:
+        described = engine.describe_session(store, session)
+    except UsageError as exc:
+        raise UsageError(
+            f"--all needs dom0 to read the session's list of VMs, and {exc}: name the VMs"
+        ) from None
+    metadata = described.get("metadata")
+    documents = metadata.get("vms") if isinstance(metadata, dict) else None
+    if not isinstance(documents, list) or not documents:
+        raise NotFoundError(
+            f"session {described.get('session')} holds no VM (a backup of volumes only?)"
+        )
+    names = [
+        check_vm_name(doc.get("name") if isinstance(doc, dict) else None, "session record")
+        for doc in documents
+    ]
+    if len(set(names)) != len(names):
+        raise IntegrityError("the session record names a VM twice")
+    return names
 
 
 def _run_worker(

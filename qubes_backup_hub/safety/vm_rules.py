@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from ..errors import ValidationError
 from ..platform.base import LABELS, PERSISTENT_VOLUMES
 from . import policy
+from .text import shown
 
 VM_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]{0,30}")
 RESERVED_NAMES = {"dom0", "none", "default", "@adminvm"}
@@ -361,7 +362,7 @@ def _judge_vm(
                     outcome.sensitive.append(f"{vm}: {key} = {target}")
             continue
         if not _allowed(verdict, ctx):
-            _left_out(outcome, vm, f"property {key}={str(value)[:40]}", verdict)
+            _left_out(outcome, vm, f"property {shown(key, 60)}={shown(str(value), 40)}", verdict)
             continue
         if key == "virt_mode" and value == "pv" and "pv" not in ctx.allow:
             _left_out(outcome, vm, "property virt_mode=pv", policy.RISK("pv"))
@@ -376,7 +377,7 @@ def _judge_vm(
         if _allowed(verdict, ctx):
             features[key] = value
             if verdict.sensitive:
-                outcome.sensitive.append(f"{vm}: feature {key} = {value[:40]}")
+                outcome.sensitive.append(f"{vm}: feature {key} = {shown(value, 40)}")
         else:
             _left_out(outcome, vm, f"feature {key}", verdict)
     tags: list[str] = []
