@@ -30,6 +30,7 @@ from qubes_backup_hub.safety.restore_channel import receive, send
 from .protocol import FAIL, JOB, MAX_FAIL, STAGING
 from .rsh import SOCKET
 
+GRACE = 5.0  # seconds a worker or server gets to end by itself at close
 MAX_CONNECTIONS = 64  # borg opens the repository once or twice per command
 WORKER_MODULE = "qbhub_borg.worker"
 SERVE_MODULE = "qbhub_borg.serve"
@@ -88,22 +89,33 @@ class WorkerSession:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(grace=GRACE if exc is None else 0.0)
 
-    def close(self) -> None:
-        """Kill the worker and every storage-side server; remove the scratch directories."""
+    def close(self, grace: float = 0.0) -> None:
+        """End the worker and every storage-side server; remove the scratch directories.
+
+        A worker that finished its job ends by itself, and each `borg serve` when borg hangs
+        up, so both get a short grace period (letting borg release its repository lock) before
+        anything still running is killed; after a failure (`grace` 0) everything is killed at
+        once.
+        """
         self._closing.set()
         if self.proc is not None:
-            self._kill(self.proc)
+            with contextlib.suppress(OSError):
+                self.to_worker.close()
+            self._end(self.proc, grace)
         with contextlib.suppress(OSError):
             self.listener.close()
         for server in self._servers:
-            self._kill(server)
+            self._end(server, grace)
         shutil.rmtree(self.scratch, ignore_errors=True)
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
     @staticmethod
-    def _kill(proc: subprocess.Popen[bytes]) -> None:
+    def _end(proc: subprocess.Popen[bytes], grace: float) -> None:
+        if grace:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
