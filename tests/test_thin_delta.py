@@ -26,6 +26,7 @@ from qubes_backup_hub.snapshots.qubeslvm import (
     lvs_argv,
     parse_lvs,
     qubes_base,
+    view_identity,
 )
 from qubes_backup_hub.snapshots.ranges import RangeList
 from qubes_backup_hub.snapshots.thin import CommandRunner, LvmThinProvider, dm_name
@@ -144,7 +145,7 @@ def test_any_read_size_gives_the_same_result(read_size: int) -> None:
     [
         SAMPLE[:-20],  # truncated
         SAMPLE.replace(b"<same", b"<similar"),  # unknown element
-        SAMPLE.replace(b"right_only begin=\"11\"", b"right_only begin=\"5\""),  # out of order
+        SAMPLE.replace(b'right_only begin="11"', b'right_only begin="5"'),  # out of order
         SAMPLE.replace(b"  <diff", b"junk <diff"),  # text between elements
         SAMPLE.replace(b'data_block_size="128"', b'data_block_size="0"'),
         SAMPLE.replace(b"</diff>\n", b""),
@@ -175,8 +176,9 @@ class RecordingRunner(CommandRunner):
     def _row(self, name: str) -> str:
         thin_id, origin, time = self.lvs[name]
         if thin_id is None:
-            return f"  {name}||{16 * self.size}|||{time}|twi-aotz--|12.5|3.1"
-        return f"  {name}|{thin_id}|{self.size}|pool00|{origin}|{time}|Vwi-a-tz--|50.0|"
+            return f"  {name}||{16 * self.size}|||{time}|twi-aotz--|12.5|3.1|uuid-pool"
+        uuid = f"uuid-{thin_id}-{time}"  # a new one for every LV made (and kept by renames)
+        return f"  {name}|{thin_id}|{self.size}|pool00|{origin}|{time}|Vwi-a-tz--|50.0||{uuid}"
 
     def run(self, argv: list[str]) -> str:
         self.calls.append(argv)
@@ -232,7 +234,8 @@ def test_lvm_thin_provider_commands_and_ranges(
     runner.lvs[kept] = (1, "vm-work-private", runner.lvs[kept][2])
     runner.next_id = 2
     record_path = str(tmp_path / "qubes_dom0--vm-work-private--abababababababab.json")
-    write_record(record_path, dataclasses.replace(read_record(record_path), identity=1))
+    identity = view_identity(parse_lvs(runner._row(kept))[kept])
+    write_record(record_path, dataclasses.replace(read_record(record_path), identity=identity))
     runner.calls.clear()
     second = LvmThinProvider(ref, str(tmp_path), runner)
     view = second.take()
@@ -269,6 +272,25 @@ def test_a_failing_snapshot_reads_the_volume_whole_and_drops_the_kept_view(
     assert "cannot snapshot" in view.note and "reached threshold" in view.note
     provider.commit("s1")
     assert "vm-work-private-qbk00-snap" not in runner.lvs  # its blocks go back to the pool
+
+
+def test_a_kept_view_made_again_with_the_same_thin_id_is_not_trusted(tmp_path: Path) -> None:
+    """LVM gives a new thin volume the lowest free thin ID: a kept view removed and made again
+    under its name (of the volume as it is now, so holding every change) can get its very thin ID
+    back. Only its UUID differs, and that is enough for a full scan."""
+    runner = RecordingRunner(tmp_path / "unused", 1 << 30)
+    ref = VolumeRef("private", "/dev/qubes_dom0/vm-work-private", archive_id="00")
+    first = LvmThinProvider(ref, str(tmp_path), runner)
+    first.take()
+    first.commit("s1")
+    kept = "vm-work-private-qbk00-snap"
+    thin_id, origin, made = runner.lvs[kept]
+    runner.lvs[kept] = (thin_id, origin, made + 5)  # lvremove; lvcreate --snapshot --name kept
+    second = LvmThinProvider(ref, str(tmp_path), runner)
+    view = second.take()
+    assert view.changed_ranges is None
+    assert "it was replaced (another LV under its name)" in view.note
+    second.abort()
 
 
 QUBES_LVS = {
@@ -321,7 +343,7 @@ def test_qubes_names() -> None:
     assert kept_name("vm-work-private", "ab").endswith("-snap")
     assert is_qbhub_view(kept_name("vm-a-private", "0f"))
     assert not is_qbhub_view("vm-a-private-snap")
-    row = "  vm-a-private|3|1073741824|vm-pool|vm-a-private-1-back|1700000000|Vwi-a-tz--|5.00|"
+    row = "  vm-a-private|3|1073741824|vm-pool|vm-a-private-1-back|1700000000|Vwi-a-tz--|5.00||U1"
     info = parse_lvs(row)["vm-a-private"]
     assert (info.thin_id, info.size, info.pool, info.time) == (3, 1 << 30, "vm-pool", 1700000000)
     assert info.is_thin_volume and info.active

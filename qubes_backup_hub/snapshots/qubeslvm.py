@@ -14,16 +14,23 @@ qbhub's own snapshots sit beside them and end in ``-snap`` too, so that Qubes' p
 parsing never sees them: ``LV-qbk<archive tag>-snap`` is the view kept for the next incremental,
 ``LV-qbn<random>-snap`` the one a backup is reading. Kept views are inactive, read-only and
 skipped at activation (``lvchange -K`` brings one up to look at it).
+
+A kept view is known by its thin ID *and* its LVM UUID (`view_identity`): LVM gives a new thin
+volume the lowest free thin ID, so an LV removed and made again under the same name (measured in
+the test VM) often has the very same thin ID, and only the UUID tells it is another volume.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
 _REVISION = re.compile(r"(.+)-(\d+)-back")
 _QBHUB = re.compile(r"(.+)-qb[kn][0-9a-f]{1,32}-snap")
-LVS_FIELDS = "lv_name,thin_id,lv_size,pool_lv,origin,lv_time,lv_attr,data_percent,metadata_percent"
+LVS_FIELDS = (
+    "lv_name,thin_id,lv_size,pool_lv,origin,lv_time,lv_attr,data_percent,metadata_percent,lv_uuid"
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class LvInfo:
     attr: str
     data_percent: float | None = None  # thin pools (and thin volumes): data space used
     metadata_percent: float | None = None  # thin pools: metadata space used
+    uuid: str = ""  # LVM's UUID of the LV: new for every LV made, kept across renames
 
     @property
     def is_thin_volume(self) -> bool:
@@ -62,7 +70,7 @@ def parse_lvs(out: str) -> dict[str, LvInfo]:
         if not line.strip():
             continue
         f = [x.strip() for x in line.split("|")]
-        if len(f) != 9 or not f[0] or not f[2].isdigit():
+        if len(f) != 10 or not f[0] or not f[2].isdigit():
             raise ValueError(f"unexpected lvs row {line.strip()[:120]!r}")
         table[f[0]] = LvInfo(
             name=f[0],
@@ -74,8 +82,16 @@ def parse_lvs(out: str) -> dict[str, LvInfo]:
             attr=f[6],
             data_percent=float(f[7]) if f[7] else None,
             metadata_percent=float(f[8]) if f[8] else None,
+            uuid=f[9],
         )
     return table
+
+
+def view_identity(info: LvInfo) -> int:
+    """What pins a kept view (`viewrecord.ViewRecord.identity`): its thin ID (24 bits in
+    device-mapper) and 64 bits of a hash of its UUID above them."""
+    digest = hashlib.sha256(info.uuid.encode()).digest()[:8]
+    return int.from_bytes(digest, "big") << 24 | (info.thin_id or 0) & 0xFFFFFF
 
 
 def kept_name(lv: str, tag: str) -> str:

@@ -13,11 +13,12 @@ take():   one ``lvs`` of the VG; ``lvcreate --snapshot`` of the volume (a thin s
           thin IDs, parsed as a stream (`thindelta.parse_thin_delta`), ``release_metadata_snap``.
 commit(): deactivate the new view, remove the old kept one, rename the new one to the kept name
           (`qubeslvm.kept_name`), write the sidecar (`viewrecord.ViewRecord`, in the qbhub state
-          directory) recording its thin ID.
+          directory) recording its thin ID and UUID (`qubeslvm.view_identity`).
 abort():  remove the new view.
 
 Any doubt gives changed_ranges None with a note (the engine then scans the whole volume): no
-sidecar, a damaged or foreign one, a kept view missing, resized or with another thin ID, a volume
+sidecar, a damaged or foreign one, a kept view missing, resized or replaced (another thin ID or
+UUID under its name), a volume
 that Qubes reverted or replaced since (`qubeslvm.history_since`), a size change, a pool metadata
 snapshot held by another program, a failing command or unparseable output. When no snapshot can
 be made at all (a full pool, an LV that is not thin) the volume itself is read, whole, with a
@@ -42,7 +43,15 @@ from typing import IO
 
 from ..errors import QbhubError, UsageError
 from ..snapshot import SnapshotProvider, SnapshotView, VolumeRef
-from .qubeslvm import LvInfo, history_since, kept_name, lvs_argv, new_name, parse_lvs
+from .qubeslvm import (
+    LvInfo,
+    history_since,
+    kept_name,
+    lvs_argv,
+    new_name,
+    parse_lvs,
+    view_identity,
+)
 from .ranges import Range
 from .thindelta import parse_thin_delta
 from .viewrecord import ViewRecord, ViewRecordError, read_record, write_record
@@ -111,6 +120,7 @@ class LvmThinProvider(SnapshotProvider):
         self.record_path = os.path.join(records_dir, f"{self.vg}--{self.lv}--{tag}.json")
         self.new_lv: str | None = None
         self.new_thin_id = -1
+        self.new_identity = -1
         self.new_size = 0
         self.drop_kept = False  # no snapshot could be made: the kept view is stale, drop it
 
@@ -140,6 +150,7 @@ class LvmThinProvider(SnapshotProvider):
             if new is None or new.thin_id is None:
                 raise UsageError(f"the new snapshot {self.vg}/{new_lv} is not a thin volume")
             self.new_thin_id, self.new_size = new.thin_id, new.size
+            self.new_identity = view_identity(new)
             changed, base, note = self._changes(table, source)
         except BaseException:
             self.abort()
@@ -178,7 +189,7 @@ class LvmThinProvider(SnapshotProvider):
                 size=self.new_size,
                 base_session=session_id,
                 view=self.kept_lv,
-                identity=self.new_thin_id,
+                identity=self.new_identity,
             ),
         )
 
@@ -203,8 +214,12 @@ class LvmThinProvider(SnapshotProvider):
         kept = table.get(self.kept_lv)
         if kept is None:
             return None, None, f"kept snapshot unusable: {self.vg}/{self.kept_lv} is gone"
-        if kept.thin_id != record.identity or kept.pool != source.pool:
-            return None, None, "kept snapshot unusable: it was replaced (its thin ID changed)"
+        if (
+            kept.thin_id is None
+            or view_identity(kept) != record.identity
+            or kept.pool != source.pool
+        ):
+            return None, None, "kept snapshot unusable: it was replaced (another LV under its name)"
         if not kept.size == record.size == self.new_size:
             if kept.size != record.size:
                 return None, None, "kept snapshot unusable: it was resized"
