@@ -2,10 +2,15 @@
 
 Each VM volume is stored in the archive as the engine volume `VMNAME:VOLUME`; the VMs' settings
 travel in the session's (encrypted) metadata as {"vms": [{name, class, settings, volumes}]}.
+A volume whose snapshot provider could not tell what changed (no kept view yet, a kept view in
+doubt, a pool too full to snapshot: the view's note) is scanned whole; the user is told why on
+stderr as the snapshot is taken, and the result's volume entry carries it as "snapshot_note".
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -70,19 +75,24 @@ def backup_vms(
     names: list[str],
     *,
     prepare_in_background: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Back up the VMs `names` as one session; return the engine's result plus the VM list.
 
     With `prepare_in_background` (the passphrase needs no prompt) the engine unlocks the archive
-    while the snapshots are taken.
+    while the snapshots are taken. `notice` gets one line per volume scanned whole and why
+    (default: stderr).
     """
     archive_id = engine.archive_id(store)
     documents: list[dict[str, Any]] = []
     sources: list[VolumeSource] = []
     providers: list[SnapshotProvider] = []
+    notes: dict[str, str] = {}
     try:
         with engine_prepared(engine, store, background=prepare_in_background):
-            _snapshot_vms(platform, hook, names, archive_id, providers, sources, documents)
+            _snapshot_vms(platform, hook, names, archive_id, providers, sources, documents, notes)
+            for archive_name, note in notes.items():
+                (notice or _stderr)(f"qbhub: {archive_name}: full scan because {note}")
         result = engine.backup(store, sources, metadata={"vms": documents})
     except BaseException:
         for provider in providers:
@@ -90,7 +100,14 @@ def backup_vms(
         raise
     for provider in providers:
         provider.commit(result["session"])
+    for entry in result.get("volumes", []):
+        if notes.get(entry.get("name", "")):
+            entry["snapshot_note"] = notes[entry["name"]]
     return {**result, "vms": [d["name"] for d in documents]}
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _snapshot_vms(
@@ -101,8 +118,10 @@ def _snapshot_vms(
     providers: list[SnapshotProvider],
     sources: list[VolumeSource],
     documents: list[dict[str, Any]],
+    notes: dict[str, str],
 ) -> None:
-    """Take a snapshot of every volume of `names`, appending to the three lists as it goes."""
+    """Take a snapshot of every volume of `names`, appending to the three lists (and the notes
+    of views without changed ranges to `notes`) as it goes."""
     for name in names:
         settings = platform.vm_settings(name)
         volumes = []
@@ -112,6 +131,8 @@ def _snapshot_vms(
             provider = hook.qbhub_snapshot_provider(volume=ref) or PlainProvider(ref)
             providers.append(provider)
             view = provider.take()
+            if view.changed_ranges is None and view.note:
+                notes[archive_name] = view.note
             sources.append(
                 VolumeSource(
                     archive_name,
