@@ -122,6 +122,15 @@ def settings_scenarios(name: str) -> list[dict] | None:
         "badname": [vm("../x")],
         "nonascii": [vm(name, label="r\u00f6d")],
         "badclass": [{**vm(name), "class": "AdminVM"}],
+        # the world's template, honestly, with both its volumes (for --data-only)
+        "fedora": [
+            {
+                **vm("fedora"),
+                "class": "TemplateVM",
+                "settings": {"properties": {"label": "black"}},
+                "volumes": [{"name": n, "size": SIZE} for n in ("root", "private")],
+            }
+        ],
     }
     return others.get(name)
 
@@ -187,7 +196,7 @@ def main() -> None:
         send(out, HEADER, header([vm(scenario)], "20000101T000000Z"))
     elif (vms := settings_scenarios(scenario)) is not None:
         send(out, HEADER, header(vms, session))
-        for _ in vms:
+        for _ in (volume for doc in vms for volume in doc["volumes"]):
             send(out, DATA, data)
     else:
         send(out, HEADER, header([vm(scenario)], session))

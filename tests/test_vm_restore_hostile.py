@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -25,7 +25,7 @@ from qubes_backup_hub.errors import IntegrityError, NotFoundError, QbhubError, V
 from qubes_backup_hub.jobs.backup import backup_vms
 from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
 from qubes_backup_hub.passphrase import PassphraseSource
-from qubes_backup_hub.platform.base import VMSettings
+from qubes_backup_hub.platform.base import Platform, VMSettings
 from qubes_backup_hub.platform.local.platform import LocalPlatform
 from qubes_backup_hub.progress import Progress
 from qubes_backup_hub.registry import load_registry
@@ -382,4 +382,39 @@ def test_all_refuses_vms_the_session_does_not_hold(world: World) -> None:
     with pytest.raises(IntegrityError, match="other VMs than asked"):
         restore_all(world, done["session"], replace=True)
     assert snapshot_of(p.root) == before
+    assert sorted(world.vm_names()) == sorted(ORIGINAL_VMS)
+
+
+class FailingImports:
+    """The world's real platform, but its `nth` volume import fails (storage going away, or a
+    worker honest in the checking pass that lies in the importing one)."""
+
+    def __init__(self, platform: LocalPlatform, nth: int) -> None:
+        self.platform, self.nth, self.imports = platform, nth, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.platform, name)
+
+    def import_volume(self, vm: str, volume: str, size: int, reader: Any) -> None:
+        self.imports += 1
+        if self.imports == self.nth:
+            raise QbhubError("the storage went away")
+        self.platform.import_volume(vm, volume, size, reader)
+
+
+def test_data_only_failing_between_volumes_puts_every_volume_back(world: World) -> None:
+    """--data-only overwrites an existing VM's volumes one by one: when the second import fails,
+    the first volume must not stay overwritten (a template with a new root and its old private)."""
+    before = snapshot_of(world.platform.root)
+    platform = FailingImports(world.platform, nth=2)
+    with closing(world.store()) as store, pytest.raises(QbhubError, match="went away"):
+        restore_vms(
+            cast(Platform, platform),
+            store,
+            load_registry().pm.hook,
+            engine(world.state),
+            RestoreRequest(vms=["fedora"], session=world.session, data_only=True),
+        )
+    assert platform.imports == 2
+    assert snapshot_of(world.platform.root) == before
     assert sorted(world.vm_names()) == sorted(ORIGINAL_VMS)

@@ -1,4 +1,5 @@
-"""Keeping the VMs that `restore --replace` removes until the restore has succeeded.
+"""Keeping the VMs that `restore --replace` removes (or whose data `--data-only` overwrites)
+until the restore has succeeded.
 
 Qubes cannot rename a VM, and a restored VM takes the name of the one it replaces, so the old VM
 must be removed before the new one is created. Before that, each replaced VM's persistent volumes
@@ -7,7 +8,9 @@ private, so it can hold the volumes of any class; a clone is cheap on reflink an
 If the restore then fails, every replaced VM is created again from its recorded settings, its
 volumes are cloned back from the holder, and the holder is removed. If the restore succeeds, the
 holders are removed. A VM that cannot be brought back keeps its data in its holder, and the error
-says which.
+says which. `--data-only` keeps the VM itself and overwrites its volumes one by one, so a restore
+that fails between two of them (storage failing, a worker lying the second time) would leave a
+mix of old and new volumes: its holders are cloned back over every volume instead (`put_back`).
 """
 
 from __future__ import annotations
@@ -109,5 +112,24 @@ def bring_back(platform: Platform, held: list[HeldVM]) -> list[str]:
         problems += [
             f"{h.name}: setting not restored: {f}" for f in platform.apply_settings(h.settings)
         ]
+    problems += [f"holder VM {name} could not be removed" for name in release(platform, back)]
+    return problems
+
+
+def put_back(platform: Platform, held: list[HeldVM]) -> list[str]:
+    """After a failed --data-only restore: clone every held volume back over the VM's own.
+
+    Returns one line per VM that could not be put back (its holder is then kept).
+    """
+    problems: list[str] = []
+    back: list[HeldVM] = []
+    for h in held:
+        try:
+            for volume in h.volumes:
+                platform.clone_volume(h.holder, h.name, volume)
+        except QbhubError as exc:
+            problems.append(f"{h.name}: {exc}; its data is kept in VM {h.holder}")
+            continue
+        back.append(h)
     problems += [f"holder VM {name} could not be removed" for name in release(platform, back)]
     return problems

@@ -58,7 +58,7 @@ from ..safety.vm_rules import (
 )
 from ..store.base import Store
 from ..store.qrexec import OP, QrexecStore
-from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, release
+from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, put_back, release
 
 WORKER_SERVICE = "qbhub.RestoreWorker"
 READ_OPS = {OP[name]: name for name in ("get", "range", "list", "root_get", "exists")}
@@ -357,7 +357,8 @@ def _run_worker(
             _consume(channel, header, request)
             return {"session": header.session}
         _report_plan(header, outcome, request)
-        held = hold_vms(platform, removals)
+        overwritten = [vm.name for vm in header.vms] if request.data_only else []
+        held = hold_vms(platform, removals or overwritten)
         for name in removals:
             platform.remove_vm(name)
             removed.append(name)
@@ -385,7 +386,7 @@ def _run_worker(
         for name in reversed(created):
             with contextlib.suppress(QbhubError):
                 platform.remove_vm(name)
-        _recover(platform, held, removed, exc)
+        _recover(platform, held, removed, exc, data_only=request.data_only)
         raise
     finally:
         process.wait(timeout=60)
@@ -453,13 +454,22 @@ def _report_plan(header: RestoreHeader, outcome: PolicyOutcome, request: Restore
 
 
 def _recover(
-    platform: Platform, held: list[HeldVM], removed: list[str], exc: BaseException
+    platform: Platform,
+    held: list[HeldVM],
+    removed: list[str],
+    exc: BaseException,
+    *,
+    data_only: bool,
 ) -> None:
-    """After a failed restore: bring back the replaced VMs (see replace_guard), or say why not."""
+    """After a failed restore: bring back the replaced VMs, or put back the data --data-only
+    was overwriting (see replace_guard), or say why not."""
     if not held:
         return
-    problems = bring_back(platform, [h for h in held if h.name in removed])
-    release(platform, [h for h in held if h.name not in removed])
+    if data_only:
+        problems = put_back(platform, held)
+    else:
+        problems = bring_back(platform, [h for h in held if h.name in removed])
+        release(platform, [h for h in held if h.name not in removed])
     if problems:
         raise RecoveryError(
             f"{exc}; then not every replaced VM could be brought back: {'; '.join(problems)}"
