@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from qubes_backup_hub.errors import ValidationError
 from qubes_backup_hub.safety import policy, vm_rules
 
 
@@ -94,3 +95,24 @@ def test_gui_spoofing_needs_its_flag(feature: str) -> None:
 )
 def test_harmless_gui_and_boot_mode_features_are_restored(feature: str) -> None:
     assert applied_features(judge({feature: "1"}))[feature] == "1"
+
+
+@pytest.mark.parametrize("backend", ["disp1234", "newdisp", "nosuchvm"])
+def test_devices_come_only_from_lasting_known_vms(backend: str) -> None:
+    """A DispVM (the restore worker is one, running right now) or an unknown VM never serves a
+    restored VM's devices."""
+    ctx = vm_rules.PolicyContext(
+        restored={"work": "AppVM", "newdisp": "DispVM"},
+        existing={
+            "fedora": vm_rules.KnownVM("TemplateVM"),
+            "disp1234": vm_rules.KnownVM("DispVM"),
+            "sys-usb": vm_rules.KnownVM("AppVM"),
+        },
+    )
+    device = {"class": "block", "backend": backend, "ident": "xvdi", "options": {}}
+    settings = {"properties": {"label": "red", "template": "fedora"}, "devices": [device]}
+    with pytest.raises(ValidationError, match="may not serve devices"):
+        vm_rules.apply_policy([("work", "AppVM", settings)], ctx)
+    device["backend"] = "sys-usb"  # the control: an ordinary VM does
+    outcome = vm_rules.apply_policy([("work", "AppVM", settings)], ctx)
+    assert outcome.settings["work"]["devices"] == [device]

@@ -447,6 +447,9 @@ def _report_plan(header: RestoreHeader, outcome: PolicyOutcome, request: Restore
     if request.data_only:
         return
     request.report(f"restoring {', '.join(vm.name for vm in header.vms)} from {header.session}")
+    for vm in header.vms:  # sizes come from the worker: a huge one is the user's to judge
+        sizes = ", ".join(f"{v.name} {v.size / 2**30:.1f} GiB" for v in vm.volumes)
+        request.report(f"  volumes: {vm.name}: {sizes or 'none'}")
     for line in outcome.sensitive:
         request.report(f"  sensitive: {line}")
     for line in outcome.left_out:

@@ -468,12 +468,20 @@ def _judge_device(
         is_reserved(backend)
         or backend in ctx.untouchable
         or backend == vm
-        or (backend not in ctx.restored and backend not in ctx.existing)
+        or _class_of(backend, ctx) in (None, "DispVM")  # unknown, or short-lived (a worker)
     ):
         raise refuse(f"VM {vm}", f"{what}: backend {backend} may not serve devices here")
     if verdict.sensitive:
         outcome.sensitive.append(f"{vm}: {what}{_device_detail(device)}")
     return True
+
+
+def _class_of(name: str, ctx: PolicyContext) -> str | None:
+    """The class of a VM this run restores or dom0 already has; None for any other name."""
+    if name in ctx.restored:
+        return ctx.restored[name]
+    known = ctx.existing.get(name)
+    return known.klass if known is not None else None
 
 
 def _device_detail(device: dict[str, Any]) -> str:
