@@ -11,17 +11,21 @@ to reach its engine and how to damage its storage:
 pytest then runs every `test_*` below against it, through the real command line (`python -m
 qubes_backup_hub`, a fresh `$QBHUB_HOME` per test), so it checks the engine as users meet it:
 round trips bit-exact for zero, sparse, random and text-like volumes; several sessions and the
-restore of an older one; prune; verify; and damage in storage (made by the engine's own
+restore of an older one; prune; verify; a backup killed while it writes leaving earlier
+sessions whole and the archive usable; and damage in storage (made by the engine's own
 `corrupt` helper) never going unnoticed. `EngineUnderTest.skip` names a reason to skip (a
 missing tool).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,16 @@ class EngineUnderTest:
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
+def _tree_bytes(path: Path) -> int:
+    """Bytes of every regular file below `path` (files vanishing meanwhile are skipped)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
 class Qbhub:
     """Runs the real command line with its own home and the kit's passphrase."""
 
@@ -67,6 +81,17 @@ class Qbhub:
         if check and done.returncode != 0:
             raise AssertionError(f"{' '.join(argv[2:])} failed ({done.returncode}): {done.stderr}")
         return done
+
+    def start(self, *args: str | Path) -> subprocess.Popen[bytes]:
+        """Start a command without waiting (its own process group, output discarded)."""
+        argv = [sys.executable, "-m", "qubes_backup_hub", *map(str, args)]
+        return subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def json(self, *args: str | Path) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.run(*args, "--json").stdout)
@@ -177,3 +202,32 @@ class EngineConformance:
         assert restored.returncode != 0 or out.read_bytes() == disk.read_bytes()
         if restored.returncode != 0:
             assert not out.exists()
+
+    def test_killed_backup_leaves_earlier_sessions_whole(
+        self, qbhub: Qbhub, archive: Path, tmp_path: Path
+    ) -> None:
+        disk = tmp_path / "disk.img"
+        KINDS["text"](disk, self.engine.volume_size, 4)
+        first = self.backup(qbhub, archive, disk)
+        kept = disk.read_bytes()
+        big = tmp_path / "big.img"
+        KINDS["random"](big, 16 * self.engine.volume_size, 5)
+        change_some(disk, 9)
+        before = _tree_bytes(archive)
+        running = qbhub.start("volume", "backup", "--dest", archive, disk, big)
+        deadline = time.monotonic() + 120
+        # kill once the backup is writing to storage (or has ended)
+        while running.poll() is None and time.monotonic() < deadline:
+            if _tree_bytes(archive) > before + self.engine.volume_size:
+                break
+            time.sleep(0.05)
+        os.killpg(running.pid, signal.SIGKILL)  # the command and everything it started
+        running.wait()
+        out = tmp_path / "first.out"
+        done = self.restore(qbhub, archive, "disk.img", out, first)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == kept
+        sessions = [s["session"] for s in qbhub.json("list", "--dest", archive)["sessions"]]
+        assert sessions[0] == first and len(sessions) <= 2
+        again = self.backup(qbhub, archive, disk)  # the archive is usable after the kill
+        assert again != first

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +95,22 @@ class BorgEngine(Engine):
             raise NotFoundError(f"no qbhub archive at {store.url} (run `qbhub init` first)")
         return markers.decode(root)
 
-    def _worker(self, store: Store, marker: markers.Marker, **kw: Any) -> WorkerSession:
+    @contextmanager
+    def _worker(self, store: Store, marker: markers.Marker, **kw: Any) -> Iterator[WorkerSession]:
+        """A worker for one job, under the archive's lock for the whole job (so the storage
+        side may clear a lock a killed `borg serve` left behind)."""
         prune = bool(kw.pop("prune", False))  # deleting needs the serve side writable
-        return WorkerSession(
-            _archive_dir(store),
-            state_dir=self.context.state_dir,
-            append_only=marker.append_only and not prune,
-            **kw,
-        )
+        with (
+            store.lock(),
+            WorkerSession(
+                _archive_dir(store),
+                state_dir=self.context.state_dir,
+                append_only=marker.append_only and not prune,
+                exclusive=True,
+                **kw,
+            ) as worker,
+        ):
+            yield worker
 
     def _job(self, op: str, **fields: Any) -> bytes:
         passphrase = self.context.passphrase.get().decode()
@@ -164,7 +174,10 @@ class BorgEngine(Engine):
         marker = markers.Marker.new(append_only=append_only)
         passphrase = self.context.passphrase.get(confirm=True).decode()
         store.create()
-        with WorkerSession(archive_dir, state_dir=self.context.state_dir) as worker:
+        with (
+            store.lock(),
+            WorkerSession(archive_dir, state_dir=self.context.state_dir) as worker,
+        ):
             worker.start_job(json.dumps({"op": "init", "passphrase": passphrase}).encode())
             self._result(worker)
         store.put_root(marker.encode())

@@ -29,6 +29,7 @@ from qubes_backup_hub.safety.restore_channel import receive, send
 
 from .protocol import FAIL, JOB, MAX_FAIL, STAGING
 from .rsh import SOCKET
+from .serve import BREAK_LOCK
 
 GRACE = 5.0  # seconds a worker or server gets to end by itself at close
 MAX_CONNECTIONS = 64  # borg opens the repository once or twice per command
@@ -56,6 +57,7 @@ class WorkerSession:
         volumes: list[tuple[Path, str]] = (),  # type: ignore[assignment]
         session_doc: bytes | None = None,
         sandbox: Sandbox | None = None,
+        exclusive: bool = False,
     ) -> None:
         self.sandbox = sandbox or Sandbox()
         if not self.sandbox.sandboxed:
@@ -65,6 +67,7 @@ class WorkerSession:
             )
         self.archive_dir = archive_dir.resolve()
         self.append_only = append_only
+        self.exclusive = exclusive  # dom0 holds the archive's lock for the whole job
         self.volumes = volumes
         self.session_doc = session_doc
         self.logs = state_dir / "logs"
@@ -149,7 +152,9 @@ class WorkerSession:
 
     def _start_server(self, conn: socket.socket) -> subprocess.Popen[bytes]:
         """`borg serve` beside the storage, with the connection as its stdin and stdout."""
-        args = ("--append-only",) if self.append_only else ()
+        args: tuple[str, ...] = ("--append-only",) if self.append_only else ()
+        if self.exclusive and not self._servers:
+            args += (BREAK_LOCK,)  # the first server of a job dom0 holds the archive lock for
         spec = _spec(SERVE_MODULE, self.archive_dir, args=args)
         with open(self.logs / "borg-serve.log", "ab") as log:
             return subprocess.Popen(
