@@ -493,3 +493,28 @@ def test_43_device_ids_and_modes_survive_backup_and_restore(
     assert qp.vm_settings("devvm2").devices == recorded
     qp.remove_vm("devvm2")
     qp.remove_vm("devvm")
+
+
+def test_43_records_restored_on_42(world: World) -> None:
+    """A 4.3 archive restored on 4.2: an assignment is attached persistently by its port; one
+    that asks before attaching, or names a device on any port, is reported, not attached
+    (4.2 would attach it without asking, or cannot). Each gets `read-only`: 4.2's block
+    extension reads the device's own mode otherwise, and for a device it does not see (its
+    backend is not running) fails with an AttributeError, which qubesd answers with nothing."""
+    if world.server.version != "4.2":
+        pytest.skip("about Qubes 4.2")
+    qp = world.qp
+    records = [
+        {"class": a.devclass, "backend": a.backend, "ident": a.ident,
+         "options": {"read-only": "yes"}, "required": a.mode == "required",
+         "device_id": a.device_id, "mode": a.mode}
+        for a in ASSIGNMENTS_43 if a.devclass == "block"
+    ]  # fmt: skip
+    qp.create_vm(VMSettings("devs42", "AppVM", {"label": "red"}))
+    failed = qp.apply_settings(VMSettings("devs42", "AppVM", {"label": "red"}, devices=records))
+    assert failed == [
+        "device block:sys-net+*: Qubes 4.2 cannot ask before attaching (ask-to-attach); "
+        "not assigned"
+    ]
+    assert [d["ident"] for d in qp.vm_settings("devs42").devices] == ["sda", "sdb"]
+    qp.remove_vm("devs42")

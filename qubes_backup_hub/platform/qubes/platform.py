@@ -335,6 +335,8 @@ class QubesPlatform(Platform):
             what = f"device {a.devclass}:{a.backend}+{a.ident}"
             if a.devclass not in self.device_classes:
                 failed.append(f"{what}: this dom0 has no {a.devclass} device class")
+            elif self.api_version == "4.2" and (why := unsupported_in_42(a)):
+                failed.append(f"{what}: {why}")
             elif self.api_version == "4.2":
                 attempt(what, self.api.device_attach, vm, a)
             else:
@@ -409,6 +411,17 @@ class QubesPlatform(Platform):
             with contextlib.suppress(QubesApiError):
                 self.api.vm_kill(name)
             raise
+
+
+def unsupported_in_42(a: Assignment) -> str:
+    """Why a (4.3) assignment cannot be made on Qubes 4.2, or "" if it can: 4.2 attaches by
+    port only, and always without asking (an ask-to-attach device would lose the user's
+    consent)."""
+    if a.mode == "ask-to-attach":
+        return "Qubes 4.2 cannot ask before attaching (ask-to-attach); not assigned"
+    if a.ident == "*":
+        return "Qubes 4.2 cannot assign a device on any port; not assigned"
+    return ""
 
 
 def device_mode(dev: dict[str, object]) -> str:
