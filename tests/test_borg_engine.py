@@ -158,3 +158,35 @@ def test_wrong_passphrase_and_hostile_volume_names(tmp_path: Path) -> None:
     assert wrong.returncode == 5, wrong.stderr
     bad = qbhub(home, "volume", "backup", "--dest", archive, f"{disk}=../x")
     assert bad.returncode == 2
+
+
+@needs_borg
+def test_vm_backup_on_the_local_platform_keeps_volumes_and_settings(tmp_path: Path) -> None:
+    home, archive = tmp_path / "home", tmp_path / "archive"
+    env = {**os.environ, "QBHUB_HOME": str(home), "QBHUB_PASSPHRASE": "pw"}
+    env["QBHUB_PLATFORM"] = "local"
+
+    def run(*args: object) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "qubes_backup_hub", *map(str, args)]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+    made = run(
+        "local", "vm-create", "work", "--class", "StandaloneVM", "--label", "red", "--size", "8M"
+    )
+    assert made.returncode == 0, made.stderr
+    private = home / "local" / "pools" / "default" / "work" / "private.img"
+    with open(private, "r+b") as f:
+        f.write(os.urandom(100_000))
+    assert run("init", "--engine", "borg", "--dest", archive).returncode == 0
+    backup = run("backup", "--dest", archive, "work", "--json")
+    assert backup.returncode == 0, backup.stderr
+    assert {v["name"] for v in json.loads(backup.stdout)["volumes"]} == {
+        "work:root",
+        "work:private",
+    }
+    out = tmp_path / "private.out"
+    restored = run("volume", "restore", "--dest", archive, "work:private", "--to", out)
+    assert restored.returncode == 0, restored.stderr
+    assert out.read_bytes() == private.read_bytes()
+    refused = run("restore", "--dest", archive, "work", "--rename", "work:work2")
+    assert refused.returncode == 2 and "not implemented yet" in refused.stderr

@@ -380,6 +380,12 @@ class BorgEngine(Engine):
     def archive_id(self, store: Store) -> str:
         return self._marker(store).archive_id
 
+    def grant_read(self, store: Store) -> Any:
+        raise UsageError(
+            "VM-level restores from a Borg archive are not implemented yet; restore each volume "
+            "with `qbhub volume restore --dest DEST VM:VOLUME --to FILE`"
+        )
+
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
         raise UsageError("VM-level restores with the borg engine are not implemented yet")
 
