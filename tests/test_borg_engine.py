@@ -14,12 +14,15 @@ import pytest
 
 from qubes_backup_hub.errors import IntegrityError, RollbackError
 from qubes_backup_hub.platform.local.sandbox import Sandbox
+from qubes_backup_hub.progress import Progress
+from qubes_backup_hub.safety.restore_channel import DATA, END
+from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 
 pytest.importorskip("qbhub_borg", reason="qbhub-borg is not installed")
 
 from qbhub_borg import marker as markers
 from qbhub_borg.memory import Memory, Seen
-from qbhub_borg.receive import parse_header
+from qbhub_borg.receive import parse_header, receive_volume
 from qbhub_borg.sessions import next_session, session_key
 from qbhub_borg.worker import decode_comment, encode_comment, session_volumes
 
@@ -190,3 +193,51 @@ def test_vm_backup_on_the_local_platform_keeps_volumes_and_settings(tmp_path: Pa
     assert out.read_bytes() == private.read_bytes()
     refused = run("restore", "--dest", archive, "work", "--rename", "work:work2")
     assert refused.returncode == 2 and "not implemented yet" in refused.stderr
+
+
+class FakeWorker:
+    """Frames as a (possibly hostile) worker would send them after its header."""
+
+    def __init__(self, frames: list[tuple[bytes, bytes]]) -> None:
+        self.frames = frames
+
+    def receive(self, limits: dict[bytes, int]) -> tuple[bytes, bytes]:
+        if not self.frames:
+            raise IntegrityError("the restore worker ended without finishing its stream")
+        kind, payload = self.frames.pop(0)
+        assert kind in limits and len(payload) <= limits[kind]
+        return kind, payload
+
+
+def _header(size: int) -> RestoreHeader:
+    return RestoreHeader(volumes=(RestoreVolume("disk", size),), session=S1)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [(DATA, b"a" * 10), (DATA, b"b")],  # one byte too many
+        [(DATA, b"a" * 9), (END, b"")],  # one byte short
+        [(DATA, b"a" * 5)],  # the stream just stops
+    ],
+)
+def test_restore_stream_lies_leave_the_target_untouched(
+    tmp_path: Path, frames: list[tuple[bytes, bytes]]
+) -> None:
+    target = tmp_path / "disk.img"
+    target.write_bytes(b"old")
+    with pytest.raises(IntegrityError):
+        receive_volume(FakeWorker(frames), _header(10), target, Progress(enabled=False))  # type: ignore[arg-type]
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img"]
+
+
+def test_restore_stream_exact_length_is_written_sparse(tmp_path: Path) -> None:
+    target = tmp_path / "disk.img"
+    frames = [(DATA, bytes(1 << 20)), (DATA, b"x" * 7), (END, b"")]
+    written = receive_volume(
+        FakeWorker(frames), _header((1 << 20) + 7), target, Progress(enabled=False)
+    )  # type: ignore[arg-type]
+    assert written == 7
+    assert target.read_bytes() == bytes(1 << 20) + b"x" * 7
+    assert target.stat().st_blocks * 512 < 1 << 20  # the zero megabyte is a hole
