@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_scale.py"
-ROW = re.compile(r"^\s*(\d+) (build|backup|list|restore|diff)\s+([0-9.]+)\s+([0-9.]+)$")
+ROW = re.compile(r"^\s*(\d+) (build|first|backup|list|restore|diff)\s+([0-9.]+)\s+([0-9.]+)$")
 
 
 @pytest.mark.slow
@@ -24,9 +24,8 @@ def test_bench_scale_tiny_run(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [ROW.match(line) for line in run.stdout.splitlines()]
     found = [(int(m[1]), m[2], float(m[3]), float(m[4])) for m in rows if m]
-    assert {(n, s) for n, s, _, _ in found} == {
-        (n, s) for n in (2048, 4096) for s in ("build", "backup", "list", "restore", "diff")
-    }
+    steps = ("build", "first", "backup", "list", "restore", "diff")
+    assert {(n, s) for n, s, _, _ in found} == {(n, s) for n in (2048, 4096) for s in steps}
     for _, _, wall, peak_mib in found:
         assert 0 < wall < 300 and 10 < peak_mib < 4096
     assert "extrapolated to 67108864 chunks" in run.stdout

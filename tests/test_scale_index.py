@@ -290,3 +290,74 @@ def test_a_backup_sets_its_own_entries_aside_and_still_deduplicates(
     again = qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
     assert again["volumes"][0]["chunks_new"] == 0
     qbhub.run("verify", "--dest", archive)
+
+
+def test_new_objects_beyond_the_limit_are_folded_into_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Too much after the file: a new file from its records and the new objects only."""
+    objects = synthetic(6, 8, 100)
+    names = list(objects)
+    indexes = listing(objects)
+    open_cached(tmp_path, ARCHIVE_ID, indexes[:5], lambda n, _: objects[n]).close()
+    monkeypatch.setattr(index_cache, "MAX_EXTRA_ENTRIES", 150)
+    reads: list[str] = []
+
+    def read(name: str, raw_length: int) -> list[PackTable]:
+        reads.append(name)
+        return objects[name]
+
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, read)
+    assert cached.disk.layout.covered == len(indexes) and len(cached.extra) == 0
+    assert set(reads) == set(names[5:]), "the old file's objects are not read again"
+    ids = [i for ts in objects.values() for i in ids_of(ts)]
+    assert_same(cached, reference(objects, names), ids)
+    cached.close()
+
+
+def test_a_file_damaged_inside_is_rebuilt_from_the_archive_when_folded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records out of order (damage the header does not show): refold from the archive."""
+    objects = synthetic(7, 6, 100)
+    indexes = listing(objects)
+    path = tmp_path / f"{ARCHIVE_ID}.idx"
+    build_cache(path, ARCHIVE_ID, indexes[:4], lambda n, _: objects[n])
+    data = bytearray(path.read_bytes())
+    layout = DiskIndex(path).layout
+    data[layout.records_at] ^= 0xFF  # the first record's ID now starts with another byte
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(index_cache, "MAX_EXTRA_ENTRIES", 10)
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+    ids = [i for ts in objects.values() for i in ids_of(ts)]
+    assert_same(cached, reference(objects, list(objects)), ids)
+    cached.close()
+
+
+def test_a_backup_refuses_an_index_object_storage_lost(tmp_path: Path, qbhub: Qbhub) -> None:
+    """The cache still knows its entries, but a backup must not commit over a lost index."""
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", 32, seed=4)
+    qbhub.run("init", "--dest", archive)
+    qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    qbhub.json("list", "--dest", archive)
+    (lost,) = (archive / "objects").glob("*/i*")
+    lost.unlink()
+    rewrite_blocks(image, [1])
+    run = qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk", check=False)
+    assert run.returncode in (3, 6, 7), run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_set_aside_filter_has_no_false_negatives() -> None:
+    """Every ID added is a candidate; most others are not."""
+    from qbhub_native.writer import SetAsideFilter
+
+    ids = [os.urandom(32) for _ in range(2000)]
+    records = b"".join(ENTRY.pack(1, i, 0, 1, 1) for i in ids)
+    empty = SetAsideFilter(bits=1 << 16)
+    assert ids[0] not in empty
+    filt = SetAsideFilter(bits=1 << 16)
+    filt.add_records(records)
+    assert all(i in filt for i in ids)
+    assert sum(os.urandom(32) in filt for _ in range(2000)) < 200

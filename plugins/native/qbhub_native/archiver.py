@@ -3,7 +3,8 @@
 Crash safety: packs and the index object are written before the root, so a crash leaves the old
 root intact and at most unreferenced packs, which the next session adopts (`reuse_orphan_packs`).
 
-Loss: one listing of the store at the start tells which indexed packs are gone or resized
+Loss: one listing of the store at the start tells which index objects are gone or too large (read,
+they fail the backup: see `check_index_objects`) and which indexed packs are gone or resized
 (`exclude_lost_packs`). Their blobs are stored again when met; every volume is then scanned whole
 (an incremental would reuse tree pages whose chunks may be lost), and the session's index object
 goes first in the root, so the new locations win over the lost ones.
@@ -58,6 +59,20 @@ def previous_volumes(repo: Repository, names: set[str]) -> dict[str, tuple[str, 
     return found
 
 
+def check_index_objects(repo: Repository, listing: dict[str, int]) -> None:
+    """Read each index object the root lists that `listing` shows missing or too large.
+
+    Lookups may come from the local index cache, which still knows what a lost index object
+    held; a backup must not commit on top of an index storage lost, so such an object is read,
+    and the read fails as it would without the cache (not found, or refused by its size).
+    """
+    most = 1 + repo.sealer.overhead  # a stored index object: raw length + framing + sealing
+    for name, raw_length in repo.body.indexes:
+        size = listing.get(name)
+        if size is None or size > raw_length + most:
+            repo.index_object_tables(name, raw_length)
+
+
 def run_session(
     repo: Repository,
     sources: list[VolumeSource],
@@ -75,7 +90,8 @@ def run_session(
     session_id = new_session_id(repo)
     repo.store.remove_partial_uploads()  # we hold the lock: no other writer is mid-upload
     listing = dict(repo.store.list())
-    writer = BlobWriter(repo)
+    check_index_objects(repo, listing)
+    writer = BlobWriter(repo, spill_dir=repo.cache_dir)
     lost = writer.exclude_lost_packs(listing)
     previous = {} if lost else previous_volumes(repo, set(names))
     writer.reuse_orphan_packs(repo.locator.packs(), listing)

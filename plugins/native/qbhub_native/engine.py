@@ -143,7 +143,7 @@ class NativeEngine(Engine):
             "session": record.session_id,
             "volumes": [_volume_summary(v) for v in record.volumes],
             "bytes_stored": writer.bytes_written,
-            "packs_written": len(writer.new_packs) - writer.packs_reused,
+            "packs_written": writer.packs_total - writer.packs_reused,
             "packs_reused": writer.packs_reused,
         }
 

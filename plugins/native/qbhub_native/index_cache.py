@@ -23,9 +23,11 @@ own rule, "the first occurrence of an ID in root order wins", is applied when th
 Validity and updates: the file serves a root whose index list starts with exactly the covered
 list (same digest). Index objects the root lists after those (the sessions committed since) are
 read from the archive into a small in-memory `Index` that is consulted after the file, which is
-their precedence in the root too. When they grow large, or the root's list no longer starts with
-the covered one (a prune replaced the index objects, or a backup put its own object first because
-packs were lost), the file is rebuilt from the archive. A missing, truncated, foreign or
+their precedence in the root too. When they grow large (MAX_EXTRA_OBJECTS, MAX_EXTRA_ENTRIES), a
+new file is made from the old file's records and those objects (nothing else is read again).
+When the root's list no longer starts with the covered one (a prune replaced the index objects,
+or a backup put its own object first because packs were lost), the file is rebuilt from the
+archive. A missing, truncated, foreign or
 otherwise inconsistent file is rebuilt the same way: the cache is never the only copy of anything.
 
 Trust: the file is built only from index objects that authenticated under the archive key, and
@@ -70,7 +72,9 @@ RAW_MAX = (1 << RAW_BITS) - 1  # larger raw lengths are stored as this: no read 
 TYPE_MAX = 15
 # Index objects read into memory on top of the file before it is rebuilt instead.
 MAX_EXTRA_OBJECTS = 64
-MIN_EXTRA_ENTRIES = 1 << 16
+MAX_EXTRA_ENTRIES = 1 << 17  # about 15 MB of RAM
+MAX_EXTRA_BYTES = MAX_EXTRA_ENTRIES * ENTRY.size
+TMP_MARK = ".tmp-index-"  # temporary files: TMP_MARK PID-RANDOM...
 
 IndexList = list[tuple[str, int]]  # the root's index objects: (name, raw length)
 TableSource = Callable[[str, int], list[PackTable]]  # read one authenticated index object
@@ -186,6 +190,25 @@ class DiskIndex:
         digest, end = PACK.unpack(raw)
         return "p" + digest.hex(), end
 
+    def spill_into(self, spills: list[BinaryIO]) -> int:
+        """Copy every record to the spill file of its ID's first byte; return the count.
+
+        Records are sorted, so each first byte's records are one run: copied in slices.
+        """
+        step = 1 << 14
+        per_byte = 1 << (self.layout.bits - 8)
+        for first in range(256):
+            start, end = self.buckets[first * per_byte], self.buckets[(first + 1) * per_byte]
+            for at in range(start, end, step):
+                n = min(step, end - at)
+                raw = os.pread(self.fd, n * RECORD.size, self.layout.records_at + at * RECORD.size)
+                if len(raw) != n * RECORD.size or any(
+                    raw[k] != first for k in range(0, len(raw), RECORD.size)
+                ):
+                    raise IntegrityError("the index cache's records are out of order")
+                spills[first].write(raw)
+        return self.layout.records
+
     def iter_packs(self) -> Iterator[tuple[str, int]]:
         """Every (pack name, blob end), in name order, read in slices."""
         step = 4096
@@ -298,22 +321,33 @@ def open_cached(
     path = directory / f"{archive_id}.idx"
     disk = _open_matching(path, archive_id, indexes)
     if disk is not None:
-        rest = indexes[disk.layout.covered :]
-        extra = Index()
-        entries = 0
-        limit = max(MIN_EXTRA_ENTRIES, len(disk) // 8)
-        for name, raw_length in rest if len(rest) <= MAX_EXTRA_OBJECTS else ():
-            for table in read_tables(name, raw_length):
-                extra.add_table(table)
-                entries += len(table.records) // ENTRY.size
-            if entries > limit:
-                break
-        if len(rest) <= MAX_EXTRA_OBJECTS and entries <= limit:
+        extra = _read_extra(indexes[disk.layout.covered :], read_tables)
+        if extra is not None:
             return CachedIndex(disk, extra)
-        disk.close()
-    build_cache(path, archive_id, indexes, read_tables)
-    disk = DiskIndex(path)
-    return CachedIndex(disk, Index())
+        try:  # fold the file and what follows it into a new file
+            build_cache(path, archive_id, indexes, read_tables, base=disk)
+        except IntegrityError:  # the old file is damaged after all: from the archive alone
+            build_cache(path, archive_id, indexes, read_tables)
+        finally:
+            disk.close()
+    else:
+        build_cache(path, archive_id, indexes, read_tables)
+    return CachedIndex(DiskIndex(path), Index())
+
+
+def _read_extra(rest: IndexList, read_tables: TableSource) -> Index | None:
+    """The index objects `rest` in memory, or None if they are too many or too large."""
+    if len(rest) > MAX_EXTRA_OBJECTS or sum(n for _, n in rest) > 2 * MAX_EXTRA_BYTES:
+        return None  # surely too large: known from the root, before reading anything
+    extra = Index()
+    entries = 0
+    for name, raw_length in rest:
+        for table in read_tables(name, raw_length):
+            extra.add_table(table)
+            entries += len(table.records) // ENTRY.size
+        if entries > MAX_EXTRA_ENTRIES:
+            return None
+    return extra
 
 
 def _open_matching(path: Path, archive_id: str, indexes: IndexList) -> DiskIndex | None:
@@ -331,24 +365,30 @@ def _open_matching(path: Path, archive_id: str, indexes: IndexList) -> DiskIndex
     return None
 
 
-def build_cache(path: Path, archive_id: str, indexes: IndexList, read_tables: TableSource) -> None:
+def build_cache(
+    path: Path,
+    archive_id: str,
+    indexes: IndexList,
+    read_tables: TableSource,
+    base: DiskIndex | None = None,
+) -> None:
     """Write the cache file for `indexes` (atomically), reading each object once.
 
-    Memory: the pack names, and one of SPILL_FILES parts of the records at a time (records are
-    spread over spill files by the first byte of their ID, then each part is sorted alone).
+    With `base`, a sound cache file covering a prefix of `indexes`, its records are taken from
+    it and only the index objects after that prefix are read. Memory: the pack names, and one
+    of SPILL_FILES parts of the records at a time (records are spread over spill files by the
+    first byte of their ID, then each part is sorted alone).
     """
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for stale in directory.glob(f".{archive_id}.idx.tmp-*"):
-        with suppress(OSError):
-            stale.unlink()
-    tag = secrets.token_hex(4)
-    spill_paths = [directory / f".{archive_id}.idx.tmp-{tag}-{k}" for k in range(SPILL_FILES)]
-    tmp = directory / f".{archive_id}.idx.tmp-{tag}"
+    remove_stale_temporaries(directory)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    spill_paths = [directory / f"{TMP_MARK}{tag}-{k}" for k in range(SPILL_FILES)]
+    tmp = directory / f"{TMP_MARK}{tag}"
     spills: list[BinaryIO] = []
     try:
         spills = [open(p, "w+b", buffering=1 << 16) for p in spill_paths]  # noqa: SIM115
-        pack_ends, total = _spill(indexes, read_tables, spills)
+        pack_ends, total = _spill(indexes, read_tables, spills, base)
         names = sorted(pack_ends)
         number = {name: k for k, name in enumerate(names)}
         remap = array("I", [0]) * len(pack_ends)
@@ -374,17 +414,63 @@ def build_cache(path: Path, archive_id: str, indexes: IndexList, read_tables: Ta
                 p.unlink()
 
 
+def remove_stale_temporaries(directory: Path) -> None:
+    """Remove temporary files of rebuilds (and spilled runs) whose process no longer runs."""
+    for stale in directory.glob(f"{TMP_MARK}*"):
+        pid = stale.name[len(TMP_MARK) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with suppress(OSError):
+                stale.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless no process has this PID (one we may not signal still counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def spill_run(directory: Path, tables: list[PackTable]) -> DiskIndex:
+    """`tables` as a sorted run on disk (a backup's own entries, set aside to save memory).
+
+    The file is unlinked as soon as it is open: it lives as long as the returned DiskIndex.
+    """
+    path = directory / f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}-run"
+    build_cache(path, "run", [("run", 0)], lambda name, raw_length: tables)
+    try:
+        return DiskIndex(path)
+    finally:
+        path.unlink()
+
+
 def _spill(
-    indexes: IndexList, read_tables: TableSource, spills: list[BinaryIO]
+    indexes: IndexList,
+    read_tables: TableSource,
+    spills: list[BinaryIO],
+    base: DiskIndex | None = None,
 ) -> tuple[dict[str, int], int]:
     """Pass 1: every entry of every index object, in root and file order, to its spill file.
 
     Spilled records carry the pack's number in order of first appearance; returns the packs
-    (name -> blob end, in that order) and the number of entries spilled.
+    (name -> blob end, in that order) and the number of entries spilled. With `base`, its
+    records come first (its packs are numbered first, in its own order, so they are copied
+    as they are) and only the objects after the ones it covers are read.
     """
     pack_ends: dict[str, int] = {}
     seen: dict[str, int] = {}
     total = 0
+    if base is not None:
+        for name, end in base.iter_packs():
+            seen[name] = len(seen)
+            pack_ends[name] = end
+        total = base.spill_into(spills)
+        indexes = indexes[base.layout.covered :]
     for name, raw_length in indexes:
         for table in read_tables(name, raw_length):
             pack_no = seen.setdefault(table.pack, len(seen))
@@ -429,6 +515,8 @@ def _write(
             blob_id, seen_no, offset, length, packed = RECORD.unpack(rec)
             if blob_id == previous:
                 continue
+            if seen_no >= len(remap):
+                raise IntegrityError("the index cache names a pack it does not hold")
             previous = blob_id
             out.write(RECORD.pack(blob_id, remap[seen_no], offset, length, packed))
             buckets[(int.from_bytes(blob_id[:8], "big") >> shift) + 1] += 1

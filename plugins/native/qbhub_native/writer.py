@@ -1,8 +1,14 @@
 """Writing blobs: packing sealed blobs into packs and uploading them in the background.
 
 A BlobWriter belongs to one writing operation (a backup session or a prune). It never adds a blob
-the archive already holds, keeps the entries of the packs it wrote (the new index object), and
+the archive already holds, keeps the entries of the packs it wrote (the new index objects), and
 uploads finished packs on a background thread so sealing and uploading overlap.
+
+Memory: a writer given a `spill_dir` (a backup) keeps at most MAX_INDEX_ENTRIES of its own entries
+in memory. When that many are reached, it stores their index object right away and sets them
+aside as a sorted run in a local file (unlinked, see `index_cache.spill_run`) that still answers
+its dedup checks; so a first full backup of millions of chunks needs no RAM per chunk. Index
+objects stored before the root are, if the session fails, unreferenced objects like its packs.
 
 Storage may lose what it holds. `exclude_lost_packs` compares the index with one listing of the
 store: a blob whose pack is gone or has an impossible size no longer counts as held, so it is
@@ -16,15 +22,18 @@ import mmap
 from collections import deque
 from collections.abc import Container
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from qubes_backup_hub.errors import QbhubError, StoreError
 from qubes_backup_hub.store.base import Bytes
 
 from .blob import BlobType
 from .index import Index, encode_index, pad_index
+from .index_cache import DiskIndex, spill_run
 from .limits import MAX_PACK
 from .pack import (
     DEFAULT_PACK_TARGET,
+    ENTRY,
     PackBuilder,
     PackEntry,
     pack_name,
@@ -34,9 +43,11 @@ from .pack import (
 from .repository import Locator, Repository
 
 MAX_UPLOADS_IN_FLIGHT = 2
-# Entries per index object: 45 bytes each, so about 45 MiB, well under MAX_INDEX_OBJECT even for
-# a pack of the largest possible entry count (a 64 MiB pack of 4 KiB blobs holds 16,384).
-MAX_INDEX_ENTRIES = 1 << 20
+# Entries per index object: 45 bytes each, so about 6 MiB, far under MAX_INDEX_OBJECT even with a
+# pack of the largest possible entry count (a 64 MiB pack of 4 KiB blobs holds 16,384). Also the
+# most of its own entries a backup keeps in memory (about 50 MB with their objects).
+MAX_INDEX_ENTRIES = 1 << 17
+SET_ASIDE_FILTER_BITS = 1 << 27  # 16 MiB: about 5% false candidates with 16M entries set aside
 
 
 class BlobWriter:
@@ -47,14 +58,21 @@ class BlobWriter:
         repo: Repository,
         pack_target: int = DEFAULT_PACK_TARGET,
         known_index: Locator | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.repo = repo
         self.known_index = repo.locator if known_index is None else known_index
         self.pack_target = pack_target
         self.builder = PackBuilder(repo.sealer, pack_target)
         self.pending: set[bytes] = set()
-        self.new_packs: dict[str, list[PackEntry]] = {}
+        self.new_packs: dict[str, list[PackEntry]] = {}  # the part not yet set aside
         self.new_index = Index()
+        self.new_entries = 0  # entries in new_packs
+        self.spill_dir = spill_dir
+        self.runs: list[DiskIndex] = []  # parts set aside on disk
+        self.set_aside = SetAsideFilter()  # which IDs may be in one of them
+        self.indexes: list[tuple[str, int]] = []  # index objects stored for those parts
+        self.packs_total = 0
         self.uploads: deque[Future[None]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qbhub-upload")
         self.bytes_written = 0
@@ -71,6 +89,12 @@ class BlobWriter:
         A blob the index places in a lost pack (see `exclude_lost_packs`) is not held.
         """
         if blob_id in self.new_index or blob_id in self.pending:
+            return True
+        if (
+            self.runs
+            and blob_id in self.set_aside
+            and any(run.record(blob_id) is not None for run in self.runs)
+        ):
             return True
         if not self.lost_packs:
             return blob_id in self.known_index
@@ -121,12 +145,31 @@ class BlobWriter:
             return
         name, data, entries, buffer = self.builder.finish()
         self.pending.clear()
-        self.new_packs[name] = entries
-        self.new_index.add_pack(name, entries)
+        self._add_new_pack(name, entries)
         self.bytes_written += len(data)
         while len(self.uploads) >= MAX_UPLOADS_IN_FLIGHT:
             self.uploads.popleft().result()
         self.uploads.append(self.pool.submit(self._upload, name, data, buffer))
+
+    def _add_new_pack(self, name: str, entries: list[PackEntry]) -> None:
+        self.new_packs[name] = entries
+        self.new_index.add_pack(name, entries)
+        self.new_entries += len(entries)
+        self.packs_total += 1
+        if self.spill_dir is not None and self.new_entries >= MAX_INDEX_ENTRIES:
+            self._set_aside()
+
+    def _set_aside(self) -> None:
+        """Store the index object of the packs so far and keep their entries on disk only."""
+        written = store_index(self.repo, self.new_packs)
+        assert self.spill_dir is not None and written is not None
+        self.bytes_written += written[2]
+        self.indexes.append((written[0], written[1]))
+        tables = self.new_index.tables()
+        self.runs.append(spill_run(self.spill_dir, tables))
+        for table in tables:
+            self.set_aside.add_records(table.records)
+        self.new_packs, self.new_index, self.new_entries = {}, Index(), 0
 
     def _upload(self, name: str, data: memoryview, buffer: mmap.mmap) -> None:
         try:
@@ -165,8 +208,7 @@ class BlobWriter:
         self.orphan_blobs_rejected += len(entries) - len(authentic)
         if pack_name(data) == name:
             if authentic:
-                self.new_packs[name] = authentic
-                self.new_index.add_pack(name, authentic)
+                self._add_new_pack(name, authentic)
                 self.packs_reused += 1
             return
         for e in authentic:
@@ -197,10 +239,16 @@ class BlobWriter:
         for future in self.uploads:
             future.exception()
         self.pool.shutdown(wait=True)
+        self._close_runs()
+
+    def _close_runs(self) -> None:
+        for run in self.runs:
+            run.close()
+        self.runs = []
 
     def write_index(self) -> list[tuple[str, int]]:
         """Store this writer's index objects; return their (name, raw length), none if empty."""
-        out: list[tuple[str, int]] = []
+        out = list(self.indexes)
         for part in split_packs(self.new_packs):
             written = store_index(self.repo, part)
             if written is not None:
@@ -215,13 +263,45 @@ class BlobWriter:
         as its index object comes first in the root: the index is then loaded again when next
         used (the index cache is rebuilt, as its list of index objects no longer matches).
         """
-        if self.blobs_restored:
+        if self.blobs_restored or self.runs:
+            self._close_runs()
             self.repo.forget_index()
             return
         for name, entries in self.new_packs.items():
             self.repo.locator.add_pack(name, entries)
             if self.repo.index_loaded and self.repo.locator is not self.repo.index:
                 self.repo.index.add_pack(name, entries)
+
+
+class SetAsideFilter:
+    """A Bloom filter (two probes) of the IDs a backup set aside on disk.
+
+    Saves a lookup in every set-aside run for the new chunks of a session, which are most of
+    what it meets; a false candidate only costs those lookups. IDs are keyed hashes (uniform), so
+    their bytes serve as the probes.
+    """
+
+    def __init__(self, bits: int | None = None) -> None:
+        self.bits = bits or SET_ASIDE_FILTER_BITS
+        self.table = bytearray()  # allocated at the first set-aside
+
+    def _probes(self, blob_id: bytes) -> tuple[int, int]:
+        return (
+            int.from_bytes(blob_id[:8], "little") % self.bits,
+            int.from_bytes(blob_id[8:16], "little") % self.bits,
+        )
+
+    def add_records(self, records: bytes) -> None:
+        if not self.table:
+            self.table = bytearray(self.bits // 8)
+        for record in ENTRY.iter_unpack(records):
+            for bit in self._probes(record[1]):
+                self.table[bit >> 3] |= 1 << (bit & 7)
+
+    def __contains__(self, blob_id: object) -> bool:
+        if not self.table or not isinstance(blob_id, bytes) or len(blob_id) < 16:
+            return False
+        return all(self.table[bit >> 3] >> (bit & 7) & 1 for bit in self._probes(blob_id))
 
 
 def split_packs(
