@@ -29,6 +29,7 @@ CAPABILITIES = {
     "prune": "removes sessions and reclaims their space",
     "verify": "re-reads and authenticates everything stored",
     "rekey": "changes the passphrase without re-encrypting data",
+    "append-only": "init --append-only: storage keeps everything it is sent except on prune",
 }
 
 

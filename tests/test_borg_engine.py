@@ -241,3 +241,26 @@ def test_restore_stream_exact_length_is_written_sparse(tmp_path: Path) -> None:
     assert written == 7
     assert target.read_bytes() == bytes(1 << 20) + b"x" * 7
     assert target.stat().st_blocks * 512 < 1 << 20  # the zero megabyte is a hole
+
+
+@pytest.mark.slow
+@needs_borg
+def test_append_only_archives(tmp_path: Path) -> None:
+    home, disk = tmp_path / "home", tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(50_000))
+    native = qbhub(home, "init", "--dest", tmp_path / "n", "--append-only")
+    assert native.returncode == 2 and "cannot make append-only" in native.stderr
+    archive = tmp_path / "archive"
+    assert (
+        qbhub(home, "init", "--engine", "borg", "--dest", archive, "--append-only").returncode == 0
+    )
+    assert markers.decode((archive / "root").read_bytes()).append_only
+    for _ in range(2):
+        assert qbhub(home, "volume", "backup", "--dest", archive, disk).returncode == 0
+    pruned = qbhub(home, "prune", "--dest", archive, "--keep-last", "1")
+    assert pruned.returncode == 0, pruned.stderr
+    out = tmp_path / "out.img"
+    assert (
+        qbhub(home, "volume", "restore", "--dest", archive, "disk.img", "--to", out).returncode == 0
+    )
+    assert out.read_bytes() == disk.read_bytes()

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..errors import IntegrityError
+from ..errors import IntegrityError, UsageError
 from ..safety.names import check_session_id
 from . import format as fmt
 from .context import archive_options, cli_state
@@ -30,18 +30,29 @@ from .context import archive_options, cli_state
     show_default=True,
     help="zstd level (1 is fast, 19 is small); 0 stores chunks uncompressed.",
 )
+@click.option(
+    "--append-only",
+    is_flag=True,
+    help="Make the storage side keep everything it is sent (only prune may delete); for "
+    "engines with the append-only capability.",
+)
 def init(
     dest: str,
-    engine: str,
+    engine: str | None,
     passphrase_file: Path | None,
     json_output: bool,
     encryption: str,
     chunk_size: int | None,
     compression_level: int,
+    append_only: bool,
 ) -> None:
     """Create a new, empty archive at --dest."""
     state = cli_state(json_output)
-    options = {"chunk_size": chunk_size, "compression_level": compression_level}
+    options: dict[str, Any] = {"chunk_size": chunk_size, "compression_level": compression_level}
+    if append_only:
+        if "append-only" not in state.registry.engine(engine or "native").capabilities:
+            raise UsageError(f"the {engine or 'native'} engine cannot make append-only archives")
+        options["append_only"] = True
     eng = state.engine(engine, passphrase_file, options=options)
     state.emit(eng.init_archive(state.store(dest), encryption=encryption == "on"), fmt.init_text)
 

@@ -41,7 +41,7 @@ from .sessions import next_session, session_key
 
 CAPABILITIES = frozenset(
     {"encryption", "authentication", "incremental", "dedup", "rollback-detection", "prune",
-     "verify", "rekey"}
+     "verify", "rekey", "append-only"}
 )  # fmt: skip
 CHUNK_SIZE = 65536
 
