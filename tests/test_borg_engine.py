@@ -3,6 +3,7 @@ real borg in real bubblewrap sandboxes (skipped only when either is missing)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -264,3 +265,57 @@ def test_append_only_archives(tmp_path: Path) -> None:
         qbhub(home, "volume", "restore", "--dest", archive, "disk.img", "--to", out).returncode == 0
     )
     assert out.read_bytes() == disk.read_bytes()
+
+
+@needs_borg
+@pytest.mark.parametrize(
+    ("lie", "refusal"),
+    [
+        ("oversize", "more bytes than it declared"),
+        ("undersize", "sent 9 of 10"),
+        ("wrongname", "another volume"),
+        ("unsession", "did not expect"),
+        ("flood", "frame \\(limit"),
+    ],
+)
+def test_hostile_worker_restore_stream_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str, refusal: str
+) -> None:
+    """The real runner and sandboxes, with a worker that lies: nothing lands, nothing is left."""
+    from qbhub_borg import runner
+    from qbhub_borg.engine import BorgEngine
+
+    from qubes_backup_hub.engine import EngineContext
+    from qubes_backup_hub.passphrase import PassphraseSource
+    from qubes_backup_hub.registry import load_registry
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    tests_dir = Path(__file__).resolve().parent
+    roots = runner.import_roots()
+    monkeypatch.setattr(runner, "WORKER_MODULE", "hostile_borg_worker")
+    monkeypatch.setattr(runner, "import_roots", lambda: (*roots, tests_dir))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    original_spec = runner._spec
+
+    def spec_with_tests(module: str, home: Path, **kw: object) -> object:
+        made = original_spec(module, home, **kw)  # type: ignore[arg-type]
+        return dataclasses.replace(made, python_path=(tests_dir,))
+
+    monkeypatch.setattr(runner, "_spec", spec_with_tests)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "root").write_bytes(markers.Marker.new(append_only=False).encode())
+    context = EngineContext(
+        hook=load_registry().pm.hook,
+        passphrase=PassphraseSource(value=b"pw"),
+        state_dir=tmp_path / "home",
+        progress=Progress(enabled=False),
+    )
+    target = tmp_path / "out" / "disk.img"
+    target.parent.mkdir()
+    with pytest.raises(IntegrityError, match=refusal):
+        BorgEngine(context).restore_volume(
+            LocalDirStore(archive), lie, target, session=None, overwrite=False
+        )
+    assert list(target.parent.iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("qbhub-borg-")]
