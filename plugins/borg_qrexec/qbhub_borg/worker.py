@@ -193,9 +193,14 @@ class Job:
     def progress(self, done: int) -> None:
         self.send(PROGRESS, json.dumps({"done": done}).encode())
 
-    def listing(self) -> list[dict[str, Any]]:
-        """Send the archive's session names to dom0 and wait for its answer."""
-        listed = self.borg.run_json(["list", "--json", "--format", "{name}{comment}"], "list")
+    def listing(self, listed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Send the archive's session names to dom0 and wait for its answer.
+
+        `listed` is a `borg list --json` (or `info --json`) document a read-only job already
+        has; otherwise borg lists the archive now.
+        """
+        if listed is None:
+            listed = self.borg.run_json(["list", "--json", "--format", "{name}{comment}"], "list")
         archives = [a for a in listed.get("archives", []) if isinstance(a, dict)]
         names = [a["name"] for a in archives if SESSION_ID.fullmatch(str(a.get("name")))]
         self.send(LISTING, json.dumps({"sessions": names}).encode())
@@ -255,8 +260,9 @@ class Job:
         self.send(END)
 
     def op_list(self) -> dict[str, Any]:
-        self.listing()
+        # read-only: one borg run gives both dom0's listing and the result
         info = self.borg.run_json(["info", "--json", "--glob-archives", "*"], "info")
+        self.listing(info)
         archives = []
         for archive in info.get("archives", []):
             if not isinstance(archive, dict) or not SESSION_ID.fullmatch(str(archive.get("name"))):
