@@ -361,3 +361,24 @@ def test_set_aside_filter_has_no_false_negatives() -> None:
     filt.add_records(records)
     assert all(i in filt for i in ids)
     assert sum(os.urandom(32) in filt for _ in range(2000)) < 200
+
+
+def test_prune_writes_the_cache_for_its_new_index_objects(tmp_path: Path, qbhub: Qbhub) -> None:
+    """After a prune the cache already covers the new index: the next command reuses it."""
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", 64, seed=6)
+    qbhub.run("init", "--dest", archive)
+    first = qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    rewrite_blocks(image, [2, 30])
+    qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    qbhub.run("prune", "--dest", archive, "--session", first["session"])
+    cache = qbhub.home / "index-cache" / f"{first['archive_id']}.idx"
+    layout = DiskIndex(cache).layout
+    assert layout.covered == len(list((archive / "objects").glob("*/i*")))
+    inode = cache.stat().st_ino
+    listed = qbhub.json("list", "--dest", archive)
+    assert len(listed["sessions"]) == 1
+    assert cache.stat().st_ino == inode, "the cache was not rebuilt"
+    out = tmp_path / "out.img"
+    qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
+    assert sha256(out) == sha256(image)

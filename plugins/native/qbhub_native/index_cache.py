@@ -307,6 +307,11 @@ class CachedIndex:
         self.disk.close()
 
 
+def cache_path(directory: Path, archive_id: str) -> Path:
+    """Where the cache file of `archive_id` lives in `directory`."""
+    return directory / f"{archive_id}.idx"
+
+
 def open_cached(
     directory: Path,
     archive_id: str,
@@ -318,7 +323,7 @@ def open_cached(
     Uses the file if it covers a prefix of `indexes` and what follows is small (read into
     memory through `read_tables`); otherwise rebuilds the file from every index object first.
     """
-    path = directory / f"{archive_id}.idx"
+    path = cache_path(directory, archive_id)
     disk = _open_matching(path, archive_id, indexes)
     if disk is not None:
         extra = _read_extra(indexes[disk.layout.covered :], read_tables)

@@ -4,23 +4,31 @@ Protocol (crash-safe at every step): (1) write repacked packs and consolidated i
 (2) write the new root listing the remaining sessions and only those, (3) delete old packs,
 old index objects and any other unreferenced object. A crash before (2) leaves the old archive
 whole plus unreferenced objects; a crash after (2) leaves only garbage the next prune removes.
+After (2) the local index cache is written from the new index objects' entries (as reading them
+back would give), so the next command need not read the whole index again.
 """
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 
-from qubes_backup_hub.errors import NotFoundError, UsageError
+from qubes_backup_hub.errors import NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
-from .index import Index
+from .index import Index, PackTable
+from .index_cache import build_cache, cache_path
 from .limits import MAX_PACK
-from .pack import PackEntry
+from .pack import ENTRY, PackEntry
 from .repository import Repository
 from .verify import walk_sessions
 from .writer import BlobWriter, split_packs, store_index
 
 DEFAULT_REPACK_BELOW = 0.75  # repack a pack when under this fraction of its bytes is still live
+
+
+def encode_entry(e: PackEntry) -> bytes:
+    return ENTRY.pack(e.type_code, e.blob_id, e.offset, e.length, e.raw_length)
 
 
 @dataclass
@@ -96,10 +104,15 @@ def prune_archive(
         for name, entries in writer.new_packs.items():
             kept.add_pack(name, entries)
         indexes = []
+        tables: dict[str, list[PackTable]] = {}  # what each new index object holds
         for part in split_packs(kept.by_pack()):
             written = store_index(repo, part)
             if written is not None:
                 indexes.append((written[0], written[1]))
+                tables[written[0]] = [
+                    PackTable(name, b"".join(encode_entry(e) for e in part[name]))
+                    for name in sorted(part)
+                ]
         old_indexes = [n for n, _ in repo.body.indexes]
         repo.body.sessions = remaining
         repo.body.indexes = indexes
@@ -110,6 +123,14 @@ def prune_archive(
             writer.abandon()
         progress.finish()
     repo.index = kept
+    if repo.cache_dir is not None:  # the local index cache, for the new index objects
+        with suppress(OSError, QbhubError):
+            build_cache(
+                cache_path(repo.cache_dir, repo.header.archive_id),
+                repo.header.archive_id,
+                list(repo.body.indexes),
+                lambda name, raw_length: tables[name],
+            )
     referenced = set(kept.by_pack()) | {n for n, _ in repo.body.indexes}
     deleted = repo.store.remove_partial_uploads()
     for name, _size in list(repo.store.list()):
