@@ -31,10 +31,13 @@ def sh(vm: TestVM, script: str, **kw: Any) -> str:
     return vm.run(script, **kw).stdout
 
 
-def make_volume(vm: TestVM, lv: str, size: int = 256 * MiB, files: int = 4) -> str:
-    """A Qubes volume (ThinVolume.create) with an ext4 filesystem holding `files` 8 MiB files."""
+def make_volume(vm: TestVM, lv: str, size: int = 64 * MiB, files: int = 4) -> str:
+    """A Qubes volume (ThinVolume.create) with an ext4 filesystem holding `files` 4 MiB files.
+
+    Small volumes: under software emulation (CI has no KVM) every MiB read, hashed and compared
+    costs; what is tested (LVM's snapshots and block mappings) does not depend on the size."""
     sh(vm, f"{QUBES_LVM} create {VG}/{lv} {size}\nmkfs.ext4 -q /dev/{VG}/{lv}")
-    write_files(vm, lv, [f"f{i}" for i in range(files)], 8)
+    write_files(vm, lv, [f"f{i}" for i in range(files)], 4)
     return f"/dev/{VG}/{lv}"
 
 
@@ -59,6 +62,23 @@ def backup(vm: TestVM, dest: str, path: str, name: str) -> dict[str, Any]:
     out = vm.qbhub_json("volume", "backup", "--dest", dest, f"{path}={name}")
     (entry,) = [v for v in out["volumes"] if v["name"] == name]
     return entry  # type: ignore[no-any-return]
+
+
+def assert_exact(vm: TestVM, dest: str, name: str, path: str) -> None:
+    """`assert_matches_full_scan` and `assert_restores_to`, run side by side in the VM."""
+    fork = vm.qbhub_argv()
+    out = sh(
+        vm,
+        f"""{" ".join(fork)} diff --json --dest {dest} {name} {path} > /tmp/diff.json &
+        {" ".join(fork)} volume restore --dest {dest} {name} --to /srv/restored.img --overwrite \
+          >/dev/null
+        wait $! || {{ echo "diff failed"; exit 1; }}
+        cmp /srv/restored.img {path}
+        rm /srv/restored.img
+        cat /tmp/diff.json""",
+    )
+    diff = json.loads(out)
+    assert diff["differing_count"] == 0, f"the archive misses changes: {diff}"
 
 
 def assert_matches_full_scan(vm: TestVM, dest: str, name: str, path: str) -> None:
@@ -94,8 +114,7 @@ def test_backup_and_incrementals_on_a_live_pool(lvm_vm: TestVM) -> None:
     first = backup(vm, dest, path, name)
     assert first["provider"] == "full-scan"
     assert "no view is kept" in first["snapshot_note"]
-    assert_matches_full_scan(vm, dest, name, path)
-    assert_restores_to(vm, dest, name, path)
+    assert_exact(vm, dest, name, path)
     (kept,) = kept_views(vm, lv)
     info = lvs(vm)[kept]
     assert info["lv_attr"][1] == "r" and info["lv_attr"][4] != "a", info  # read-only, inactive
@@ -104,19 +123,18 @@ def test_backup_and_incrementals_on_a_live_pool(lvm_vm: TestVM) -> None:
     assert held_metadata_root(vm) == "-"
 
     for step in range(3):  # incrementals: files added, rewritten, removed (and trimmed)
-        write_files(vm, lv, [f"new{step}", "f1"], 2, remove=(f"f{step + 2}",) if step < 2 else ())
+        write_files(vm, lv, [f"new{step}", "f1"], 1, remove=(f"f{step + 2}",) if step < 2 else ())
         entry = backup(vm, dest, path, name)
         assert entry["provider"] == "lvm-thin", entry
         assert "snapshot_note" not in entry
-        assert 0 < entry["bytes_read"] < 64 * MiB, entry
-        assert_matches_full_scan(vm, dest, name, path)
-        assert_restores_to(vm, dest, name, path)
+        assert 0 < entry["bytes_read"] < 16 * MiB, entry
+        assert_exact(vm, dest, name, path)
         assert len(kept_views(vm, lv)) == 1 and held_metadata_root(vm) == "-"
 
     # A Qubes VM run: start makes -snap, the VM writes there; a backup meanwhile holds the
     # committed state (the last shutdown's) and finds it unchanged.
     sh(vm, f"{QUBES_LVM} start {VG}/{lv}")
-    write_files(vm, f"{lv}-snap", ["while-running"], 4)
+    write_files(vm, f"{lv}-snap", ["while-running"], 2)
     during = backup(vm, dest, path, name)
     assert during["provider"] == "lvm-thin" and during["bytes_read"] == 0, during
     assert_restores_to(vm, dest, name, path)
@@ -124,9 +142,8 @@ def test_backup_and_incrementals_on_a_live_pool(lvm_vm: TestVM) -> None:
     assert any(n.startswith(f"{lv}-") and n.endswith("-back") for n in lvs(vm))
     after = backup(vm, dest, path, name)
     assert after["provider"] == "lvm-thin", after  # a normal stop is no revert
-    assert 4 * MiB <= after["bytes_read"] < 32 * MiB, after
-    assert_matches_full_scan(vm, dest, name, path)
-    assert_restores_to(vm, dest, name, path)
+    assert 2 * MiB <= after["bytes_read"] < 16 * MiB, after
+    assert_exact(vm, dest, name, path)
 
 
 def test_writes_during_the_backup_give_a_consistent_image(lvm_vm: TestVM) -> None:
@@ -139,7 +156,7 @@ def test_writes_during_the_backup_give_a_consistent_image(lvm_vm: TestVM) -> Non
     writer = sh(
         vm,
         f"""setsid sh -c 'i=0; while :; do
-        head -c 3M /dev/urandom > /mnt/{lv}/w$((i % 6)); sync; i=$((i + 1)); echo $i > /run/writes
+        head -c 1M /dev/urandom > /mnt/{lv}/w$((i % 6)); sync; i=$((i + 1)); echo $i > /run/writes
         done' >/dev/null 2>&1 < /dev/null & echo $!""",
     ).strip()
     try:
@@ -164,10 +181,10 @@ def test_writes_during_the_backup_give_a_consistent_image(lvm_vm: TestVM) -> Non
 def fallback_setup(vm: TestVM, tag: str) -> tuple[str, str, str, str]:
     """A volume with one backup done (a kept view) and a change made since."""
     lv, name = f"vm-{tag}-private", f"{tag}-private"
-    path = make_volume(vm, lv, size=128 * MiB, files=2)
+    path = make_volume(vm, lv, files=2)
     dest = init_archive(vm, tag)
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
-    write_files(vm, lv, ["changed"], 3)
+    write_files(vm, lv, ["changed"], 2)
     return lv, name, path, dest
 
 
@@ -175,8 +192,7 @@ def assert_full_scan_with_note(vm: TestVM, dest: str, path: str, name: str, note
     entry = backup(vm, dest, path, name)
     assert entry["provider"] == "full-scan", entry
     assert note in entry["snapshot_note"], entry
-    assert_matches_full_scan(vm, dest, name, path)
-    assert_restores_to(vm, dest, name, path)
+    assert_exact(vm, dest, name, path)
 
 
 def test_held_metadata_snapshot_falls_back_to_a_full_scan(lvm_vm: TestVM) -> None:
@@ -228,22 +244,23 @@ def test_kept_snapshot_replaced_falls_back_to_a_full_scan(lvm_vm: TestVM) -> Non
     (kept,) = kept_views(vm, lv)
     sh(vm, f"lvremove --quiet --force {VG}/{kept}\n"
            f"lvcreate --quiet --snapshot --name {kept} {VG}/{lv}")  # fmt: skip
-    assert_full_scan_with_note(vm, dest, path, name, "thin ID changed")
+    # LVM gives the new LV the lowest free thin ID: often the very one of the LV it replaces.
+    assert_full_scan_with_note(vm, dest, path, name, "it was replaced")
 
 
 def test_volume_reverted_by_qubes_falls_back_to_a_full_scan(lvm_vm: TestVM) -> None:
     vm, lv, name = lvm_vm, "vm-rev-private", "rev-private"
-    path = make_volume(vm, lv, size=128 * MiB, files=2)
+    path = make_volume(vm, lv, files=2)
     vid = f"{VG}/{lv}"
     sh(vm, f"{QUBES_LVM} start {vid}")  # a VM run that leaves a revision
-    write_files(vm, f"{lv}-snap", ["run1"], 2)
+    write_files(vm, f"{lv}-snap", ["run1"], 1)
     sh(vm, f"sleep 1.1\n{QUBES_LVM} stop {vid}")
     dest = init_archive(vm, "rev")
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
     sh(vm, f"sleep 1.1\n{QUBES_LVM} revert {vid}")  # qvm-volume revert: back before run1
     assert_full_scan_with_note(vm, dest, path, name, "was reverted to revision")
     sh(vm, f"{QUBES_LVM} start {vid}")  # and after the next run, the kept view is trusted again
-    write_files(vm, f"{lv}-snap", ["run2"], 2)
+    write_files(vm, f"{lv}-snap", ["run2"], 1)
     sh(vm, f"sleep 1.1\n{QUBES_LVM} stop {vid}")
     assert backup(vm, dest, path, name)["provider"] == "lvm-thin"
     assert_matches_full_scan(vm, dest, name, path)
@@ -253,15 +270,15 @@ def test_full_pool_falls_back_to_a_full_scan(lvm_vm: TestVM) -> None:
     """A pool out of data space: the backup reads the volume itself, says so, and drops the kept
     view (its blocks go back to the pool)."""
     vm, lv, name = lvm_vm, "vm-full-private", "full-private"
-    sh(vm, f"lvcreate --quiet --type thin-pool --size 96M --name full-pool {VG}\n"
+    sh(vm, f"lvcreate --quiet --type thin-pool --size 32M --name full-pool {VG}\n"
            f"lvchange --quiet --errorwhenfull y {VG}/full-pool\n"
-           f"POOL=full-pool {QUBES_LVM} create {VG}/{lv} {256 * MiB}")  # fmt: skip
+           f"POOL=full-pool {QUBES_LVM} create {VG}/{lv} {128 * MiB}")  # fmt: skip
     path = f"/dev/{VG}/{lv}"
-    sh(vm, f"head -c 32M /dev/urandom | dd of={path} bs=1M oflag=direct status=none")
+    sh(vm, f"head -c 12M /dev/urandom | dd of={path} bs=1M oflag=direct status=none")
     dest = init_archive(vm, "full")
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
-    # Fill the pool: the kept view pins the first 32 MiB, new writes take the rest.
-    fill = vm.run(f"head -c 200M /dev/urandom | dd of={path} bs=1M oflag=direct status=none",
+    # Fill the pool: the kept view pins the first 12 MiB, new writes take the rest.
+    fill = vm.run(f"head -c 64M /dev/urandom | dd of={path} bs=1M oflag=direct status=none",
                   check=False)  # fmt: skip
     assert fill.rc != 0  # out of data space
     assert_full_scan_with_note(vm, dest, path, name, "cannot snapshot")
@@ -274,23 +291,25 @@ def test_a_missed_change_is_caught(lvm_vm: TestVM) -> None:
     to already hold a change (so thin_delta cannot see it) makes the incremental skip it, and
     the full-scan comparison reports exactly that range."""
     vm, lv, name = lvm_vm, "vm-miss-private", "miss-private"
-    path = make_volume(vm, lv, size=128 * MiB, files=1)
+    path = make_volume(vm, lv, files=1)
     dest = init_archive(vm, "miss")
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
     (kept,) = kept_views(vm, lv)
-    offset = 100 * MiB
+    offset = 48 * MiB
     sh(vm, f"head -c 65536 /dev/urandom | dd of={path} bs=64K seek={offset // 65536} "
            f"oflag=direct status=none\n"
            f"lvremove --quiet --force {VG}/{kept}\n"
            f"lvcreate --quiet --snapshot -ky --name {kept} {VG}/{lv}")  # fmt: skip
-    thin_id = int(lvs(vm)[kept]["thin_id"])
     sh(
         vm,
         f"""python3 - <<'PY'
-import dataclasses, glob
+import dataclasses, glob, subprocess
+from qubes_backup_hub.snapshots.qubeslvm import lvs_argv, parse_lvs, view_identity
 from qubes_backup_hub.snapshots.viewrecord import read_record, write_record
+lvs = subprocess.run(lvs_argv("{VG}/{kept}"), capture_output=True, text=True, check=True).stdout
 (path,) = glob.glob("{VIEWS}/{VG}--{lv}--*.json")
-write_record(path, dataclasses.replace(read_record(path), identity={thin_id}))
+identity = view_identity(parse_lvs(lvs)["{kept}"])
+write_record(path, dataclasses.replace(read_record(path), identity=identity))
 PY""",
     )
     entry = backup(vm, dest, path, name)

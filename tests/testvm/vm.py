@@ -31,11 +31,24 @@ CHECKOUT = HERE.parent.parent
 QEMU = "qemu-system-x86_64"
 GUEST_ENV = {
     "PYTHONPATH": "/mnt/qbhub:/mnt/qbhub/plugins/native",
-    "PYTHONDONTWRITEBYTECODE": "1",  # the checkout is mounted read-only
+    # The checkout is mounted read-only: bytecode goes to the VM's own (throwaway) root disk.
+    # Without it every Python process compiles qbhub's sources again.
+    "PYTHONPYCACHEPREFIX": "/var/cache/qbhub-pyc",
+    # New archives' passphrase KDF: scrypt N=2^10 instead of 2^17 (128 MiB, ~10 s under TCG
+    # per command); only ever lowers the cost of archives the tests create.
+    "QBHUB_TEST_KDF_LOG2_N": "10",
     "QBHUB_HOME": "/root/qbhub-home",
     "QBHUB_PASSPHRASE": "correct horse battery staple",
     "LC_ALL": "C.UTF-8",
 }
+
+
+# The guest kernel's options beyond root and init. mitigations=off: no page-table isolation or
+# speculation barriers (a test VM runs only the tests; under TCG each of them is emulated, and
+# every system call pays). The VM has no network, no swap and nothing to save at a crash.
+KERNEL_OPTIONS = "quiet panic=-1 mitigations=off nokaslr tsc=reliable no_timer_check"
+GUEST_TESTVM = "/mnt/qbhub/tests/testvm"
+FORK_SERVER = "/run/qbhub-fork.sock"
 
 
 def cache_root() -> Path:
@@ -151,6 +164,7 @@ class TestVM:
         self._buf = b""
         self._next_id = 0
         self.accel = "kvm" if kvm_usable() else "tcg"
+        self.fork_server = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -161,7 +175,7 @@ class TestVM:
             "-cpu", "host,-arch-capabilities" if self.accel == "kvm" else "max",
             "-m", str(self.memory_mib), "-smp", str(self.cpus),
             "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
-            "-append", "root=/dev/vda rw console=ttyS0 init=/sbin/qbhub-init quiet panic=-1",
+            "-append", f"root=/dev/vda rw console=ttyS0 init=/sbin/qbhub-init {KERNEL_OPTIONS}",
             "-drive", f"file={img / 'rootfs.img'},if=virtio,format=raw,snapshot=on",
             "-virtfs", f"local,path={self.share},mount_tag=qbhub,security_model=none,readonly=on",
             "-chardev", f"socket,id=agent,path={self.tmp / 'agent.sock'},server=on,wait=off",
@@ -295,6 +309,11 @@ class TestVM:
             stderr=base64.b64decode(str(reply.get("err", ""))).decode(errors="replace"),
             secs=float(reply.get("secs", 0.0)),  # type: ignore[arg-type]
         )
+        trace = os.environ.get("QBHUB_TESTVM_TRACE")
+        if trace:  # where the time goes: one line per command
+            line = " ".join(cmd.split() if isinstance(cmd, str) else cmd)
+            with open(trace, "a") as f:
+                f.write(f"{result.secs:8.2f} {line[:160]}\n")
         if check and result.rc != 0:
             raise GuestError(
                 f"in the VM: {cmd!r} exited {result.rc}\n--- stdout\n{result.stdout[-4000:]}"
@@ -302,9 +321,25 @@ class TestVM:
             )
         return result
 
+    def start_fork_server(self) -> None:
+        """Start `qbhub_fork.py` in the VM (in the background: it imports for a while); from
+        now on `qbhub` runs each command as a child forked from it (the first waits for it)."""
+        self.run(
+            f"setsid python3 {GUEST_TESTVM}/qbhub_fork.py serve {FORK_SERVER} "
+            f">/run/qbhub-fork.log 2>&1 </dev/null &"
+        )
+        self.fork_server = True
+
     def qbhub(self, *args: str, check: bool = True, timeout: float = 600) -> GuestResult:
-        """The real qbhub CLI in the VM, from the mounted checkout."""
-        return self.run(["python3", "-m", "qubes_backup_hub", *args], check=check, timeout=timeout)
+        """The real qbhub CLI in the VM, from the mounted checkout (forked from the fork server
+        when it runs: the same main(), without Python's start-up and qbhub's imports)."""
+        return self.run([*self.qbhub_argv(), *args], check=check, timeout=timeout)
+
+    def qbhub_argv(self) -> list[str]:
+        """The command line of `qbhub` in the VM (for shell scripts run there)."""
+        if self.fork_server:
+            return ["python3", f"{GUEST_TESTVM}/qbhub_fork.py", FORK_SERVER]
+        return ["python3", "-m", "qubes_backup_hub"]
 
     def qbhub_json(self, *args: str, timeout: float = 600) -> dict[str, object]:
         return json.loads(self.qbhub(*args, "--json", timeout=timeout).stdout)

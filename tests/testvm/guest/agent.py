@@ -89,7 +89,7 @@ def main() -> None:
                 reply["id"] = req_id
             data = (json.dumps(reply) + "\n").encode()
             while data:
-                data = data[os.write(fd, data):]
+                data = data[os.write(fd, data) :]
             if reply.get("poweroff"):
                 with open("/proc/sysrq-trigger", "w") as f:
                     f.write("o")
