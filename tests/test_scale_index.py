@@ -382,3 +382,15 @@ def test_prune_writes_the_cache_for_its_new_index_objects(tmp_path: Path, qbhub:
     out = tmp_path / "out.img"
     qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
     assert sha256(out) == sha256(image)
+
+
+def test_an_unwritable_cache_directory_falls_back_to_memory(tmp_path: Path, qbhub: Qbhub) -> None:
+    """A state directory where the cache can't be made: commands still work, index in memory."""
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", 16, seed=7)
+    qbhub.run("init", "--dest", archive)
+    (qbhub.home / "index-cache").write_text("not a directory")
+    qbhub.json("volume", "backup", "--dest", archive, f"{image}=disk")
+    out = tmp_path / "out.img"
+    qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
+    assert sha256(out) == sha256(image)

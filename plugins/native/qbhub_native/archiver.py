@@ -24,6 +24,7 @@ from qubes_backup_hub.progress import Progress
 
 from .backup import VolumeBackup
 from .blob import BlobType
+from .index_cache import CachedIndex
 from .repository import Repository
 from .root import SessionRef
 from .session import SessionRecord, VolumeRecord
@@ -91,7 +92,9 @@ def run_session(
     repo.store.remove_partial_uploads()  # we hold the lock: no other writer is mid-upload
     listing = dict(repo.store.list())
     check_index_objects(repo, listing)
-    writer = BlobWriter(repo, spill_dir=repo.cache_dir)
+    # A backup sets its own entries aside beside the index cache, if that could be made.
+    spill_dir = repo.cache_dir if isinstance(repo.locator, CachedIndex) else None
+    writer = BlobWriter(repo, spill_dir=spill_dir)
     lost = writer.exclude_lost_packs(listing)
     previous = {} if lost else previous_volumes(repo, set(names))
     writer.reuse_orphan_packs(repo.locator.packs(), listing)

@@ -248,15 +248,19 @@ class Repository:
     @property
     def locator(self) -> Locator:
         """Lookups by blob ID: the local index cache if there is a cache directory and the whole
-        index is not already in memory, else the in-memory index."""
+        index is not already in memory, else the in-memory index (also when the cache can't be
+        written: a full disk or a read-only state directory costs memory, not the command)."""
         if self._locator is None:
             if self.cache_dir is None or self._index is not None:
                 self._locator = self.index
             else:
-                self._locator = open_cached(
-                    self.cache_dir, self.header.archive_id, list(self.body.indexes),
-                    self.index_object_tables,
-                )  # fmt: skip
+                try:
+                    self._locator = open_cached(
+                        self.cache_dir, self.header.archive_id, list(self.body.indexes),
+                        self.index_object_tables,
+                    )  # fmt: skip
+                except OSError:  # no room or no right to write the cache: work in memory
+                    self._locator = self.index
         return self._locator
 
     @property
