@@ -272,13 +272,13 @@ def test_full_pool_falls_back_to_a_full_scan(lvm_vm: TestVM) -> None:
     vm, lv, name = lvm_vm, "vm-full-private", "full-private"
     sh(vm, f"lvcreate --quiet --type thin-pool --size 32M --name full-pool {VG}\n"
            f"lvchange --quiet --errorwhenfull y {VG}/full-pool\n"
-           f"POOL=full-pool {QUBES_LVM} create {VG}/{lv} {128 * MiB}")  # fmt: skip
+           f"POOL=full-pool {QUBES_LVM} create {VG}/{lv} {64 * MiB}")  # fmt: skip
     path = f"/dev/{VG}/{lv}"
-    sh(vm, f"head -c 12M /dev/urandom | dd of={path} bs=1M oflag=direct status=none")
+    sh(vm, f"head -c 8M /dev/urandom | dd of={path} bs=1M oflag=direct status=none")
     dest = init_archive(vm, "full")
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
-    # Fill the pool: the kept view pins the first 12 MiB, new writes take the rest.
-    fill = vm.run(f"head -c 64M /dev/urandom | dd of={path} bs=1M oflag=direct status=none",
+    # Fill the pool: the kept view pins the first 8 MiB, new writes take the rest.
+    fill = vm.run(f"head -c 48M /dev/urandom | dd of={path} bs=1M oflag=direct status=none",
                   check=False)  # fmt: skip
     assert fill.rc != 0  # out of data space
     assert_full_scan_with_note(vm, dest, path, name, "cannot snapshot")
