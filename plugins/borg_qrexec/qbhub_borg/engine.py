@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
-from qubes_backup_hub.errors import IntegrityError, NotFoundError, UsageError
+from qubes_backup_hub.errors import IntegrityError, NotFoundError, PassphraseError, UsageError
 from qubes_backup_hub.progress import human_bytes
 from qubes_backup_hub.safety.names import SESSION_ID
 from qubes_backup_hub.store.base import Store
@@ -55,11 +55,22 @@ def _archive_dir(store: Store) -> Path:
 
 
 def _volume_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"cannot read volume {path}: {exc.strerror}") from None
     try:
         return os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
+
+
+def _text(passphrase: bytes) -> str:
+    """The passphrase as borg takes it (an environment variable): UTF-8 text."""
+    try:
+        return passphrase.decode()
+    except UnicodeDecodeError:
+        raise PassphraseError("the borg engine needs a UTF-8 passphrase") from None
 
 
 def _parse_listing(payload: bytes) -> list[str]:
@@ -113,7 +124,7 @@ class BorgEngine(Engine):
             yield worker
 
     def _job(self, op: str, **fields: Any) -> bytes:
-        passphrase = self.context.passphrase.get().decode()
+        passphrase = _text(self.context.passphrase.get())
         return json.dumps({"op": op, "passphrase": passphrase, **fields}).encode()
 
     def _checked_listing(
@@ -172,7 +183,7 @@ class BorgEngine(Engine):
             raise UsageError(f"{store.url} already holds an archive")
         append_only = bool(self.context.options.get("append_only"))
         marker = markers.Marker.new(append_only=append_only)
-        passphrase = self.context.passphrase.get(confirm=True).decode()
+        passphrase = _text(self.context.passphrase.get(confirm=True))
         store.create()
         with (
             store.lock(),
@@ -370,7 +381,7 @@ class BorgEngine(Engine):
         marker = self._marker(store)
         if self.context.new_passphrase is None:
             raise UsageError("no new passphrase source given")
-        new = self.context.new_passphrase.get(confirm=True).decode()
+        new = _text(self.context.new_passphrase.get(confirm=True))
         with self._worker(store, marker) as worker:
             worker.start_job(self._job("passphrase", new_passphrase=new))
             listed, first = self._checked_listing(worker, marker)
