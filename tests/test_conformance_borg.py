@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,16 @@ def _missing() -> str | None:
     return None
 
 
+def _no_worker_left(home: Path) -> None:
+    """The killed command's worker scratch (Borg's cache) was swept by the next command."""
+    assert list((home / "borg-workers").iterdir()) == []
+
+
 @pytest.mark.slow
 class TestBorgConformance(EngineConformance):
-    engine = EngineUnderTest(name="borg", corrupt=qbhub_borg.corrupt_archive, skip=_missing())
+    engine = EngineUnderTest(
+        name="borg",
+        corrupt=qbhub_borg.corrupt_archive,
+        skip=_missing(),
+        after_kill=_no_worker_left,
+    )

@@ -52,6 +52,9 @@ class EngineUnderTest:
     skip: str | None = None
     volume_size: int = 3 * MiB
     extra_env: dict[str, str] = field(default_factory=dict)
+    # called with $QBHUB_HOME after the command following a killed backup: check that what the
+    # killed command left behind (scratch directories, say) has been cleaned up
+    after_kill: Callable[[Path], None] = lambda home: None
 
 
 def _tree_bytes(path: Path) -> int:
@@ -68,6 +71,7 @@ class Qbhub:
     """Runs the real command line with its own home and the kit's passphrase."""
 
     def __init__(self, home: Path, extra_env: dict[str, str]) -> None:
+        self.home = home
         self.env = {
             **os.environ,
             "QBHUB_HOME": str(home),
@@ -231,3 +235,4 @@ class EngineConformance:
         assert sessions[0] == first and len(sessions) <= 2
         again = self.backup(qbhub, archive, disk)  # the archive is usable after the kill
         assert again != first
+        self.engine.after_kill(qbhub.home)

@@ -1,13 +1,14 @@
 """dom0's side of the worker model on the LocalPlatform: sandboxes, the transport, the frames.
 
 A `WorkerSession` starts one backup worker (`qbhub_borg.worker` in a bubblewrap sandbox: no
-network, read-only system, the volumes bound read-only under `protocol.STAGING`, a fresh
-scratch home as its only writable place) and the worker's transport to storage: a Unix socket,
-bound into the worker, whose every connection dom0 hands, unread, as stdin/stdout to a new
-`qbhub_borg.serve` sandbox (`borg serve --restrict-to-repository`) whose only writable place is
-the archive directory. dom0 never reads those bytes: it only connects the two ends, as qrexec
-does between a DispVM and the backup VM. dom0 talks to the worker in frames and reads nothing
-else from it.
+network, read-only system, the volumes bound read-only under `protocol.STAGING`, a fresh scratch
+home under `$QBHUB_HOME/borg-workers/` as its only writable place) and the worker's transport to
+storage: a Unix socket, bound into the worker, whose every connection dom0 hands, unread, as
+stdin/stdout to a new `qbhub_borg.serve` sandbox (`borg serve --restrict-to-repository`) whose only
+writable place is the archive directory. dom0 never reads those bytes: it only connects the two
+ends, as qrexec does between a DispVM and the backup VM. dom0 talks to the worker in frames and
+reads nothing else from it. Leftovers of a command killed outright (its scratch home holds Borg's
+cache) are removed by the next one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,28 @@ GRACE = 5.0  # seconds a worker or server gets to end by itself at close
 MAX_CONNECTIONS = 64  # borg opens the repository once or twice per command
 WORKER_MODULE = "qbhub_borg.worker"
 SERVE_MODULE = "qbhub_borg.serve"
+
+
+SOCKET_PREFIX = "qbhub-borg-socket-"
+
+
+def sweep_dead(parent: Path, prefix: str) -> None:
+    """Remove `parent/PREFIX<pid>-*` directories whose qbhub process has died (a command
+    killed outright leaves its worker's scratch home, with Borg's cache, behind)."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid, sep, _ = entry.name.removeprefix(prefix).partition("-")
+        if not entry.name.startswith(prefix) or not sep or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
 
 
 class WorkerFailed(StoreError):
@@ -74,8 +97,15 @@ class WorkerSession:
         self.logs.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._servers: list[subprocess.Popen[bytes]] = []
         self._closing = threading.Event()
-        self.scratch = Path(tempfile.mkdtemp(prefix="qbhub-borg-worker-"))
-        self.sockdir = Path(tempfile.mkdtemp(prefix="qbhub-borg-socket-"))
+        workers = state_dir / "borg-workers"
+        workers.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sweep_dead(workers, "")
+        sweep_dead(Path(tempfile.gettempdir()), SOCKET_PREFIX)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=workers))
+        self.scratch = self.workdir / "home"
+        self.scratch.mkdir(mode=0o700)
+        # the socket's path must stay short (108 bytes), so it lives in the temp directory
+        self.sockdir = Path(tempfile.mkdtemp(prefix=f"{SOCKET_PREFIX}{os.getpid()}-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -111,7 +141,7 @@ class WorkerSession:
             self.listener.close()
         for server in self._servers:
             self._end(server, grace)
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
         shutil.rmtree(self.sockdir, ignore_errors=True)
 
     @staticmethod
@@ -172,7 +202,7 @@ class WorkerSession:
     def _start_worker(self) -> None:
         binds = [(path, f"{STAGING}/{name}") for path, name in self.volumes]
         if self.session_doc is not None:
-            doc = self.sockdir / "session.json"
+            doc = self.workdir / "session.json"
             doc.write_bytes(self.session_doc)
             from .protocol import SESSION_DOC
 
