@@ -317,10 +317,12 @@ def unpad_indexes(archive: Path) -> int:
         PASSPHRASE.encode(),
         header.kdf,
         bytes.fromhex(header.archive_id),
+        header.format,
     )
     sealer = Sealer(Keys.from_master(header.suite, master))
+    root_sealer = Sealer(Keys.for_root(header.suite, master, header.format))
     codec = BlobCodec(sealer, 3)
-    body = open_body(raw_header, sealed, sealer)
+    body = open_body(raw_header, sealed, root_sealer)
     padded, indexes = 0, []
     for name, length in body.indexes:
         path = archive / "objects" / name[-2:] / name
@@ -336,7 +338,7 @@ def unpad_indexes(archive: Path) -> int:
         indexes.append((new_name, len(unpadded)))
     body.indexes = indexes
     body.generation += 1
-    (archive / "root").write_bytes(encode_root(header, body, sealer))
+    (archive / "root").write_bytes(encode_root(header, body, root_sealer))
     return padded
 
 
@@ -370,10 +372,12 @@ def test_nonzero_index_padding_is_refused(
         PASSPHRASE.encode(),
         header.kdf,
         bytes.fromhex(header.archive_id),
+        header.format,
     )
     sealer = Sealer(Keys.from_master(header.suite, master))
+    root_sealer = Sealer(Keys.for_root(header.suite, master, header.format))
     codec = BlobCodec(sealer, 0)
-    body = open_body(raw_header, sealed, sealer)
+    body = open_body(raw_header, sealed, root_sealer)
     name, length = body.indexes[-1]
     path = archive / "objects" / name[-2:] / name
     plain = codec.decode(BlobType.INDEX, bytes.fromhex(name[1:]), path.read_bytes(), length)
@@ -386,7 +390,7 @@ def test_nonzero_index_padding_is_refused(
         bytes(codec.encode(BlobType.INDEX, new_id, bad))
     )
     body.indexes[-1] = (new_name, len(bad))
-    (archive / "root").write_bytes(encode_root(header, body, sealer))
+    (archive / "root").write_bytes(encode_root(header, body, root_sealer))
     err = one_error_line(extract(archive, "--list"), 3)
     assert "padding" in err
 

@@ -567,7 +567,8 @@ def test_unencrypted_root_cannot_replace_an_encrypted_archive(world: World, tmp_
     forged_root = (forged / "root").read_bytes()
     _, end, header = root_header(forged_root)
     assert header["suite"] == "none"
-    sealer = Sealer(Keys.from_master("none", bytes.fromhex(str(header["clear_key"]))))
+    clear_key = bytes.fromhex(str(header["clear_key"]))
+    sealer = Sealer(Keys.for_root("none", clear_key, int(header["format"])))
     body = json.loads(forged_root[end:-16])
     body["generation"] = 1000
     victim_id = root_header((world.archive / "root").read_bytes())[2]["archive_id"]

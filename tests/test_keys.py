@@ -15,16 +15,18 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import PASSPHRASE, Qbhub, Result, write_image
 from qbhub_native.engine import NativeEngine
+from qbhub_native.root import split_root
 from test_downgrade import make_engine, open_store
 
-from qubes_backup_hub.engine import VolumeSource
+from qubes_backup_hub.engine import ReadGrant, VolumeSource
 from qubes_backup_hub.errors import IntegrityError, RollbackError, UsageError
 from qubes_backup_hub.passphrase import PassphraseSource
+from qubes_backup_hub.store.base import Store
 
 VOLUME = "personal-private"
 NEW_PASSPHRASE = "a brand new passphrase, longer"
@@ -270,6 +272,24 @@ class NoPassphrase(PassphraseSource):
         raise AssertionError("the passphrase was asked for")
 
 
+class RelayedStore:
+    """The archive as a restore worker sees it through dom0's relay: every read passes, and the
+    root served is the one dom0 pinned for the grant (sealed again under the grant's key)."""
+
+    def __init__(self, store: Store, pinned_root: bytes) -> None:
+        self.store, self.pinned_root = store, pinned_root
+
+    def get_root(self, max_size: int) -> bytes:
+        return self.pinned_root
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def worker_view(archive: Path, grant: ReadGrant) -> Store:
+    return cast(Store, RelayedStore(open_store(archive), grant.pinned_root))
+
+
 def granted_engine(state_dir: Path, grant: dict[str, str]) -> NativeEngine:
     """An engine as a restore worker builds it: a read grant, no passphrase, throwaway state."""
     engine = make_engine(state_dir, read_grant=grant)
@@ -279,9 +299,12 @@ def granted_engine(state_dir: Path, grant: dict[str, str]) -> NativeEngine:
 
 def test_read_grant_holds_only_the_sealing_key(keyed: Keyed, tmp_path: Path) -> None:
     grant = make_engine(tmp_path / "dom0").grant_read(open_store(keyed.archive))
-    assert grant.pinned_root == (keyed.archive / "root").read_bytes()
+    stored = (keyed.archive / "root").read_bytes()
+    # The same header, the body sealed again under the grant's own key (tests/test_root_key.py).
+    assert split_root(grant.pinned_root)[0] == split_root(stored)[0]
+    assert grant.pinned_root != stored
     header = root_header(keyed.archive)
-    assert set(grant.secret) == {"format", "archive_id", "suite", "encryption_key"}
+    assert set(grant.secret) == {"format", "archive_id", "suite", "encryption_key", "pinned_key"}
     assert grant.secret["archive_id"] == header["archive_id"] == grant.facts.archive_id
     assert len(bytes.fromhex(grant.secret["encryption_key"])) == 32
     flat = json.dumps(grant.secret)
@@ -305,7 +328,7 @@ def test_grant_reads_without_passphrase_or_kdf(
 
     monkeypatch.setattr(hashlib, "scrypt", counting)
     worker = granted_engine(tmp_path / "worker", grant.secret)
-    store = open_store(keyed.archive)
+    store = worker_view(keyed.archive, grant)
     info = worker.describe_session(store, None)
     assert [v["name"] for v in info["volumes"]] == [VOLUME]
     pieces: list[bytes] = []
@@ -318,7 +341,7 @@ def test_grant_reads_without_passphrase_or_kdf(
 def test_grant_never_writes(keyed: Keyed, tmp_path: Path) -> None:
     grant = make_engine(tmp_path / "dom0").grant_read(open_store(keyed.archive))
     worker = granted_engine(tmp_path / "worker", grant.secret)
-    store = open_store(keyed.archive)
+    store = worker_view(keyed.archive, grant)
     worker.describe_session(store, None)
     before = object_snapshot(keyed.archive), (keyed.archive / "root").read_bytes()
     attempts: list[Callable[[], object]] = [
@@ -341,12 +364,14 @@ def test_grant_from_another_archive_fails(keyed: Keyed, tmp_path: Path) -> None:
     other = tmp_path / "other-archive"
     keyed.qbhub.run("init", "--dest", other)
     theirs = make_engine(tmp_path / "dom0").grant_read(open_store(other)).secret
+    ours = make_engine(tmp_path / "dom0").grant_read(open_store(keyed.archive))
+    store = worker_view(keyed.archive, ours)
     with pytest.raises(IntegrityError, match="read grant"):
-        granted_engine(tmp_path / "w1", theirs).describe_session(open_store(keyed.archive), None)
-    # Their key under our archive ID: the root does not authenticate.
+        granted_engine(tmp_path / "w1", theirs).describe_session(store, None)
+    # Their keys under our archive ID: the pinned root does not authenticate.
     forged = {**theirs, "archive_id": root_header(keyed.archive)["archive_id"]}
     with pytest.raises(IntegrityError, match="failed authentication"):
-        granted_engine(tmp_path / "w2", forged).describe_session(open_store(keyed.archive), None)
+        granted_engine(tmp_path / "w2", forged).describe_session(store, None)
 
 
 def test_grant_read_checks_rollback(keyed: Keyed, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ SUITE_NONE = "none"
 CONTEXT_ENCRYPTION = "qbhub 2026-11 v1 blob encryption"
 CONTEXT_ID = "qbhub 2026-11 v1 blob id"
 CONTEXT_FINGERPRINT = "qbhub 2026-11 v1 archive fingerprint"
+CONTEXT_ROOT = "qbhub 2026-12 v2 root body"  # format 2: the root's own key, never granted
 FINGERPRINT_HEX = 32
 KEY_WRAP_AAD = b"qbhub-v1-key-wrap:"
 
@@ -100,19 +101,25 @@ def new_kdf_params() -> dict[str, object]:
     return kdf
 
 
+def wrap_aad(archive_id: bytes, fmt: int) -> bytes:
+    """What the wrapped key is bound to: the archive ID and, from format 2 on, the format, so a
+    header cannot claim an older format (whose root a worker's key could seal) and still unwrap."""
+    return KEY_WRAP_AAD + archive_id + (f"|format {fmt}".encode() if fmt >= 2 else b"")
+
+
 def wrap_key(
-    master: bytes, passphrase: bytes, archive_id: bytes
+    master: bytes, passphrase: bytes, archive_id: bytes, fmt: int
 ) -> tuple[dict[str, object], bytes]:
     """Wrap `master` under a fresh salt; return (kdf params incl. salt hex, wrapped bytes)."""
     salt = os.urandom(16)
     kdf: dict[str, object] = {**new_kdf_params(), "salt": salt.hex()}
     kek = derive_kek(passphrase, kdf, salt)
     nonce = os.urandom(NONCE_BYTES)
-    return kdf, nonce + AESGCM(kek).encrypt(nonce, master, KEY_WRAP_AAD + archive_id)
+    return kdf, nonce + AESGCM(kek).encrypt(nonce, master, wrap_aad(archive_id, fmt))
 
 
 def unwrap_key(
-    wrapped: bytes, passphrase: bytes, kdf: dict[str, object], archive_id: bytes
+    wrapped: bytes, passphrase: bytes, kdf: dict[str, object], archive_id: bytes, fmt: int
 ) -> bytes:
     """Recover the master key; PassphraseError if the passphrase (or the wrapped key) is wrong."""
     check_kdf(kdf)
@@ -122,7 +129,7 @@ def unwrap_key(
     kek = derive_kek(passphrase, kdf, bytes.fromhex(salt_hex))
     try:
         master = AESGCM(kek).decrypt(
-            wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], KEY_WRAP_AAD + archive_id
+            wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], wrap_aad(archive_id, fmt)
         )
     except InvalidTag:
         raise PassphraseError("wrong passphrase (or a damaged archive key)") from None
@@ -160,6 +167,17 @@ class Keys:
         enc = blake3.blake3(master, derive_key_context=CONTEXT_ENCRYPTION).digest()
         ident = blake3.blake3(master, derive_key_context=CONTEXT_ID).digest()
         return cls(suite, enc, ident)
+
+    @classmethod
+    def for_root(cls, suite: str, master: bytes, fmt: int) -> Keys:
+        """The keys that seal the root body. Format 1 used the blob key, which a restore worker
+        holds (so a worker could seal a root dom0 accepts); format 2 derives a key of its own,
+        which only holders of the master key have."""
+        if fmt < 2:
+            return cls.from_master(suite, master)
+        if suite not in (SUITE_AES, SUITE_NONE):
+            raise IntegrityError(f"unknown encryption suite {suite!r}")
+        return cls(suite, blake3.blake3(master, derive_key_context=CONTEXT_ROOT).digest(), None)
 
     @classmethod
     def for_reading(cls, suite: str, encryption_key: bytes) -> Keys:

@@ -101,7 +101,8 @@ class NativeEngine(Engine):
         passphrase, the master key or its wrapping, nor the ID key that writing needs)."""
         self._refuse_if_granted()
         repo = self._open_with_passphrase(store)
-        return ReadGrant(facts=repo.facts, secret=repo.read_grant(), pinned_root=repo.root_bytes)
+        secret, pinned_root = repo.read_grant()
+        return ReadGrant(facts=repo.facts, secret=secret, pinned_root=pinned_root)
 
     def prepare(self, store: Store) -> None:
         self._open(store).locator  # noqa: B018 - warms the index (cache) up for the backup

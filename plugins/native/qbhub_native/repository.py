@@ -39,6 +39,7 @@ from qubes_backup_hub.safety.rollback import (
 )
 from qubes_backup_hub.store.base import Store
 
+from . import FORMAT_VERSION
 from .blob import BlobCodec, BlobType
 from .crypto import (
     MASTER_KEY_BYTES,
@@ -95,6 +96,7 @@ class AuthenticatedRoot:
     keys: Keys
     master: bytes | None  # None when opened with a read grant's keys
     fingerprint: str  # "" when opened with a read grant's keys
+    root_keys: Keys | None = None  # what seals the body, when not `keys` (format 2)
 
     def facts(self) -> ArchiveFacts:
         """The facts a user (and the rollback memory) gets about this root."""
@@ -137,6 +139,7 @@ def unlock_master(header: RootHeader, passphrase: Callable[[], bytes]) -> bytes:
             passphrase(),
             header.kdf,
             bytes.fromhex(header.archive_id),
+            header.format,
         )
     if header.suite == SUITE_NONE:
         if not header.clear_key or header.wrapped_key is not None:
@@ -167,9 +170,11 @@ def authenticate(
     else:
         master = unlock_master(header, passphrase)
     keys = Keys.from_master(header.suite, master)
-    body = open_body(raw_header, sealed, Sealer(keys))
+    root_keys = Keys.for_root(header.suite, master, header.format)
+    body = open_body(raw_header, sealed, Sealer(root_keys))
     check_geometry(body)
-    return AuthenticatedRoot(data, header, body, keys, master, key_fingerprint(master))
+    fingerprint = key_fingerprint(master)
+    return AuthenticatedRoot(data, header, body, keys, master, fingerprint, root_keys)
 
 
 def check_geometry(body: RootBody) -> None:
@@ -191,16 +196,19 @@ def check_same_key(known: dict[str, ArchiveMemory], facts: ArchiveFacts) -> None
         )
 
 
-def parse_grant(grant: dict[str, str]) -> tuple[str, str, bytes]:
-    """(archive ID, suite, encryption key) from a read grant's secret; IntegrityError if odd."""
+def parse_grant(grant: dict[str, str]) -> tuple[str, str, bytes, bytes | None]:
+    """(archive ID, suite, encryption key, pinned root's key or None) from a read grant's
+    secret; IntegrityError if odd."""
     try:
         if grant.get("format") != GRANT_FORMAT:
             raise ValueError("unknown grant format")
         key = bytes.fromhex(grant["encryption_key"])
+        pinned = grant.get("pinned_key")
+        pinned_key = bytes.fromhex(pinned) if pinned is not None else None
         archive_id, suite = str(grant["archive_id"]), str(grant["suite"])
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         raise IntegrityError(f"the read grant is malformed ({exc})") from None
-    return archive_id, suite, key
+    return archive_id, suite, key, pinned_key
 
 
 class Repository:
@@ -219,6 +227,7 @@ class Repository:
         self.header = root.header
         self.body = root.body
         self.sealer = Sealer(root.keys)
+        self.root_sealer = Sealer(root.root_keys) if root.root_keys is not None else self.sealer
         self.codec = BlobCodec(self.sealer, root.body.compression_level)
         self.state = state  # None: opened with a read grant, never remembers, never writes
         self.fingerprint = root.fingerprint
@@ -303,8 +312,11 @@ class Repository:
         state: LocalState,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        root_format: int = FORMAT_VERSION,
     ) -> Repository:
-        """Create a new archive (encrypted iff `passphrase` is given) and write its first root."""
+        """Create a new archive (encrypted iff `passphrase` is given) and write its first root.
+
+        `root_format` other than the current one is for tests of older archives only."""
         if not (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE and chunk_size % 4096 == 0):
             raise StoreError(
                 f"chunk size must be a multiple of 4096 in [4 KiB, 4 MiB]: {chunk_size}"
@@ -312,13 +324,19 @@ class Repository:
         archive_id = secrets.token_hex(16)
         master = os.urandom(MASTER_KEY_BYTES)
         if passphrase is not None:
-            kdf, wrapped = wrap_key(master, passphrase, bytes.fromhex(archive_id))
-            header = RootHeader(archive_id, SUITE_AES, kdf, wrapped_key=wrapped.hex())
+            kdf, wrapped = wrap_key(master, passphrase, bytes.fromhex(archive_id), root_format)
+            header = RootHeader(
+                archive_id, SUITE_AES, kdf, wrapped_key=wrapped.hex(), format=root_format
+            )
         else:
-            header = RootHeader(archive_id, SUITE_NONE, None, clear_key=master.hex())
+            header = RootHeader(
+                archive_id, SUITE_NONE, None, clear_key=master.hex(), format=root_format
+            )
         body = RootBody(0, utc_now(), chunk_size, DEFAULT_FANOUT, compression_level)
         keys = Keys.from_master(header.suite, master)
-        root = AuthenticatedRoot(b"", header, body, keys, master, key_fingerprint(master))
+        root_keys = Keys.for_root(header.suite, master, root_format)
+        fingerprint = key_fingerprint(master)
+        root = AuthenticatedRoot(b"", header, body, keys, master, fingerprint, root_keys)
         repo = cls(store, root, state)
         store.create()
         repo.commit()
@@ -382,7 +400,7 @@ class Repository:
     def open_granted(cls, store: Store, grant: dict[str, str]) -> Repository:
         """Open the archive with a read grant's keys (in a restore worker): no KDF, no passphrase,
         no rollback memory, no writes. IntegrityError unless the root authenticates under them."""
-        archive_id, suite, key = parse_grant(grant)
+        archive_id, suite, key, pinned_key = parse_grant(grant)
         data = read_root(store)
         raw_header, header, sealed = split_root(data)
         if header.archive_id != archive_id or header.suite != suite:
@@ -390,22 +408,34 @@ class Repository:
                 f"the read grant is for archive {archive_id}, not for archive {header.archive_id}"
             )
         keys = Keys.for_reading(suite, key)
-        body = open_body(raw_header, sealed, Sealer(keys))
+        root_keys = Keys.for_reading(suite, pinned_key) if pinned_key is not None else keys
+        body = open_body(raw_header, sealed, Sealer(root_keys))
         check_geometry(body)
-        return cls(store, AuthenticatedRoot(data, header, body, keys, None, ""), None)
+        return cls(store, AuthenticatedRoot(data, header, body, keys, None, "", root_keys), None)
 
-    def read_grant(self) -> dict[str, str]:
-        """The secret a restore worker needs to read this archive: the archive ID, the suite and
-        the sealing key (opens blobs, pack trailers and the root body). Not the passphrase, not
-        the master key or its wrapping, not the ID key."""
+    def read_grant(self) -> tuple[dict[str, str], bytes]:
+        """What a restore worker needs to read this archive: (secret, the root to pin).
+
+        The secret holds the archive ID, the suite and the sealing key (opens blobs and pack
+        trailers). Not the passphrase, not the master key or its wrapping, not the ID key, and
+        from format 2 not the root key: the worker gets this root sealed again under a key made
+        for this grant alone (`pinned_key`), which dom0 never accepts a root under, so nothing
+        the worker could leak lets storage forge a root.
+        """
         if self.read_only:
             raise UsageError("a read grant can't be passed on")
-        return {
+        secret = {
             "format": GRANT_FORMAT,
             "archive_id": self.header.archive_id,
             "suite": self.header.suite,
             "encryption_key": self.sealer.keys.encryption_key.hex(),
         }
+        if self.header.format < 2:  # the worker opens the root with the blob key, as stored
+            return secret, self.root_bytes
+        pinned_key = os.urandom(32)
+        secret["pinned_key"] = pinned_key.hex()
+        sealer = Sealer(Keys.for_reading(self.header.suite, pinned_key))
+        return secret, encode_root(self.header, self.body, sealer)
 
     def _load_indexes(self) -> None:
         for name, raw_length in self.body.indexes:
@@ -475,7 +505,7 @@ class Repository:
             )
         self.body.generation += 1
         self.body.updated = utc_now()
-        root = encode_root(self.header, self.body, self.sealer)
+        root = encode_root(self.header, self.body, self.root_sealer)
         self.store.put_root(root)
         self.root_bytes = root
         self.state.remember(self.header.archive_id, self.fingerprint, self.body.generation)
@@ -487,7 +517,10 @@ class Repository:
             raise StoreError("this archive is not encrypted: it has no passphrase to change")
         if self._master is None:
             raise UsageError("this archive was opened with a read grant: it can only be read")
-        kdf, wrapped = wrap_key(self._master, new_passphrase, bytes.fromhex(self.header.archive_id))
+        archive_id = bytes.fromhex(self.header.archive_id)
+        kdf, wrapped = wrap_key(self._master, new_passphrase, archive_id, FORMAT_VERSION)
         self.header.kdf = kdf
         self.header.wrapped_key = wrapped.hex()
+        self.header.format = FORMAT_VERSION  # an older archive takes the current format here
+        self.root_sealer = Sealer(Keys.for_root(self.header.suite, self._master, FORMAT_VERSION))
         self.commit()

@@ -2,7 +2,9 @@
 
 Bytes: b"QBHUB-ROOT\n" || u32 LE header length || header (UTF-8 JSON) || sealed body.
 The header is readable without the passphrase (format, archive ID, suite, KDF, wrapped key); it is
-bound to the body as associated data: b"qbhub-root-v1" || header bytes. The body is UTF-8 JSON:
+bound to the body as associated data: b"qbhub-root-v1" || header bytes. From format 2 the body is
+sealed under a root key derived for it alone (`Keys.for_root`), and the wrapped key is bound to the
+format (`crypto.wrap_aad`). The body is UTF-8 JSON:
 generation, update time, defaults, the session list and the index list.
 """
 
@@ -22,7 +24,7 @@ from .crypto import Sealer, check_kdf
 ROOT_MAGIC = b"QBHUB-ROOT\n"
 ROOT_AAD_PREFIX = b"qbhub-root-v1"
 WRAPPED_KEY_HEX = 2 * (12 + 64 + 16)  # nonce, master key, tag
-SUPPORTED_FORMATS = (1,)
+SUPPORTED_FORMATS = (1, 2)  # 2: the root body sealed under a key of its own
 MAX_GENERATION = 1 << 53  # JSON-safe; a root claiming more is malformed
 
 
