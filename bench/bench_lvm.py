@@ -47,6 +47,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="8GiB")
     ap.add_argument("--volumes", type=int, default=200)
+    ap.add_argument(
+        "--delta-only", action="store_true", help="only thin_delta (no restic, no full scan)"
+    )
     args = ap.parse_args()
     size = parse_size(args.size)
     reason = testvm.unavailable_reason()
@@ -58,7 +61,7 @@ def main() -> None:
     vm.start()
     print(f"VM: {vm.accel}, 2 vCPUs, 3 GiB; volume {size / (1 << 30):g} GiB", flush=True)
     try:
-        run(vm, size, args.volumes)
+        run(vm, size, args.volumes, args.delta_only)
     finally:
         vm.stop()
 
@@ -71,7 +74,7 @@ def timed(vm: testvm.TestVM, label: str, cmd: str, results: dict[str, float]) ->
     return r.stdout
 
 
-def run(vm: testvm.TestVM, size: int, volumes: int) -> None:
+def run(vm: testvm.TestVM, size: int, volumes: int, delta_only: bool = False) -> None:
     pool_size = size // (1 << 20) + 4096 + volumes * 16
     vm.run(f"cat > /etc/lvm/lvmlocal.conf <<'EOF'\n{LVM_LOCAL_CONF}EOF")
     vm.run(f"python3 /mnt/qbhub/tests/testvm/qubes_lvm.py setup-pool {VG} {POOL} /dev/vdb "
@@ -100,6 +103,14 @@ PY""", timeout=3600)  # fmt: skip
     vm.run(f"{qb} init --dest /srv/native && {env} restic init --quiet")
     timed(vm, "native full backup (lvm-thin, first view)",
           f"{qb} volume backup --dest /srv/native {DEV}=bench", res)  # fmt: skip
+    if not delta_only:
+        compare(vm, qb, env, restic, mutate, res)
+    delta(vm, qb, mutate, volumes, res, delta_only)
+
+
+def compare(
+    vm: testvm.TestVM, qb: str, env: str, restic: str, mutate: str, res: dict[str, float]
+) -> None:
     timed(vm, "restic full backup",
           f"{env} {restic}", res)  # fmt: skip
     print("incrementals, 1% of the 64 KiB blocks rewritten before each:")
@@ -116,13 +127,18 @@ PY""", timeout=3600)  # fmt: skip
           f"{env} {restic}", res)  # fmt: skip
     # The full scan moved the archive past the kept view: one lvm-thin backup re-bases it.
     vm.run(f"{qb} volume backup --dest /srv/native {DEV}=bench")
+
+
+def delta(
+    vm: testvm.TestVM, qb: str, mutate: str, volumes: int, res: dict[str, float], only: bool
+) -> None:
     delta_cmd = f"""python3 - <<'PY'
 import json, time
 from qubes_backup_hub.snapshot import VolumeRef
 from qubes_backup_hub.snapshots.thin import LvmThinProvider
 from qubes_backup_hub.snapshots.qubeslvm import parse_lvs, lvs_argv
 p = LvmThinProvider(VolumeRef("bench", "{DEV}"), "/root/qbhub-home/thin-views")
-t = {{r.name: r for r in parse_lvs(p.runner.run(lvs_argv("{VG}")))}}
+t = parse_lvs(p.runner.run(lvs_argv("{VG}")))
 kept = [n for n in t if n.startswith("{LV}-qbk")][0]
 p.runner.run(["lvcreate", "--quiet", "--snapshot", "--name", "bench-new", "{VG}/{LV}"])
 t0 = time.monotonic()
@@ -149,6 +165,8 @@ done""", timeout=3600)  # fmt: skip
     vm.run(mutate.format(seed=15))
     timed(vm, f"native incremental, lvm-thin, {volumes} more volumes",
           f"{qb} volume backup --dest /srv/native {DEV}=bench", res)  # fmt: skip
+    if only:
+        return
     inc = res["native incremental, lvm-thin (thin_delta)"]
     print("ratios:")
     print(f"  lvm-thin / restic incremental:    {inc / res['restic incremental']:.3f}")
