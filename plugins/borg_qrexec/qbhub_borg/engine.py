@@ -18,6 +18,7 @@ from typing import Any
 from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
 from qubes_backup_hub.errors import IntegrityError, NotFoundError, PassphraseError, UsageError
 from qubes_backup_hub.progress import human_bytes
+from qubes_backup_hub.safety.jsonlimits import loads_bounded
 from qubes_backup_hub.safety.names import SESSION_ID
 from qubes_backup_hub.store.base import Store
 from qubes_backup_hub.store.local import LocalDirStore
@@ -73,9 +74,19 @@ def _text(passphrase: bytes) -> str:
         raise PassphraseError("the borg engine needs a UTF-8 passphrase") from None
 
 
+def _progress_done(payload: bytes) -> int | None:
+    """The `done` count of a worker's progress frame; None for anything that is not one."""
+    try:
+        frame = loads_bounded(payload)
+    except ValueError:
+        return None
+    done = frame.get("done") if isinstance(frame, dict) else None
+    return done if type(done) is int else None
+
+
 def _parse_listing(payload: bytes) -> list[str]:
     try:
-        body = json.loads(payload)
+        body = loads_bounded(payload)
         names = body["sessions"]
     except (ValueError, KeyError, TypeError):
         raise IntegrityError("the borg worker's listing is malformed") from None
@@ -150,14 +161,14 @@ class BorgEngine(Engine):
             kind, payload = worker.receive({PROGRESS: MAX_PROGRESS, RESULT: MAX_RESULT})
             if kind == RESULT:
                 break
-            with_done = json.loads(payload).get("done")
+            with_done = _progress_done(payload)
             if label and type(with_done) is int and with_done > done:
                 progress.advance(with_done - done)
                 done = with_done
         if label:
             progress.finish()
         try:
-            result = json.loads(payload)
+            result = loads_bounded(payload)
         except ValueError:
             raise IntegrityError("the borg worker's result is not JSON") from None
         if not isinstance(result, dict):

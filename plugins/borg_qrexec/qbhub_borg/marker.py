@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 
 from qubes_backup_hub.errors import IntegrityError
+from qubes_backup_hub.safety.jsonlimits import loads_bounded
 
 MAGIC = b"QBHUB-BORG\n"
 MAX_MARKER = 4096
@@ -54,7 +55,7 @@ def decode(root: bytes) -> Marker:
     if not is_marker(root) or len(root) > MAX_MARKER:
         raise IntegrityError("the archive root is not a qbhub Borg archive marker")
     try:
-        body = json.loads(root[len(MAGIC) :].decode())
+        body = loads_bounded(root[len(MAGIC) :])
     except (UnicodeDecodeError, ValueError):
         raise IntegrityError("the Borg archive marker is not valid JSON") from None
     if (

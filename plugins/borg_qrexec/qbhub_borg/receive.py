@@ -10,7 +10,6 @@ only after exactly the declared length and END arrived.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from qubes_backup_hub.errors import IntegrityError, UsageError
 from qubes_backup_hub.progress import Progress
+from qubes_backup_hub.safety.jsonlimits import loads_bounded
 from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 
 from .protocol import DATA, END, MAX_DATA_FRAME
@@ -32,7 +32,7 @@ def parse_header(
 ) -> RestoreHeader:
     """The worker's header, checked field by field; IntegrityError for any deviation."""
     try:
-        body: Any = json.loads(payload)
+        body: Any = loads_bounded(payload)
     except ValueError:
         raise IntegrityError("the borg worker's restore header is not JSON") from None
     if not isinstance(body, dict) or set(body) != {"session", "volumes"}:
