@@ -10,4 +10,6 @@ through this package:
 - `vm_rules`: the checks of VM names and settings that apply the policy.
 - `validate`: the built-in restore-validate hook, run on every restore header.
 - `rollback`: this machine's memory of each archive (generation, key fingerprint).
+- `jsonlimits`: JSON from untrusted sources, UTF-8 only, size and nesting bounded first.
+- `text`: untrusted text made safe to show on the user's terminal.
 """
