@@ -206,18 +206,14 @@ def cleanup(server: RealQubesd) -> None:
     shutil.rmtree(server.root, ignore_errors=True)
 
 
-class StartProxy:
-    """STAND-IN for one call: a socket that forwards every Admin API request to the real
-    qubesd unchanged, except admin.vm.Start, which cannot work without Xen and qmemman. That
-    one is answered as success when the real qubesd knows the VM (it is asked
-    admin.vm.CurrentState for it; its error, such as QubesVMNotFoundError, is passed on)."""
+class UnixProxy:
+    """A unix socket in front of another (`upstream`): each connection is one request, answered
+    by `_handle` (which may pass it on unchanged with `forward`)."""
 
-    def __init__(self, server: RealQubesd) -> None:
-        self.server = server
-        self.path = str(server.root / "sock" / "proxy.sock")
-        self.starts: list[str] = []
+    def __init__(self, upstream: str, path: str) -> None:
+        self.upstream, self.path = upstream, path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(self.path)
+        self.sock.bind(path)
         self.sock.listen(32)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -236,27 +232,43 @@ class StartProxy:
                 return
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _forward(self, request: bytes) -> bytes:
+    def forward(self, request: bytes) -> bytes:
+        """Send `request` upstream unchanged; return the whole answer."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
-            up.connect(self.server.socket)
+            up.connect(self.upstream)
             up.sendall(request)
             up.shutdown(socket.SHUT_WR)
             return b"".join(iter(lambda: up.recv(65536), b""))
+
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class StartProxy(UnixProxy):
+    """STAND-IN for one call: a socket that forwards every Admin API request to the real
+    qubesd unchanged, except admin.vm.Start, which cannot work without Xen and qmemman. That
+    one is answered as success when the real qubesd knows the VM (it is asked
+    admin.vm.CurrentState for it; its error, such as QubesVMNotFoundError, is passed on)."""
+
+    def __init__(self, server: RealQubesd) -> None:
+        self.server = server
+        self.starts: list[str] = []
+        super().__init__(server.socket, str(server.root / "sock" / "proxy.sock"))
 
     def _handle(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             request = b"".join(iter(lambda: conn.recv(65536), b""))
             if request.startswith(b"admin.vm.Start+"):
                 header = request.split(b"\0", 1)[0].decode("ascii", "replace").split(" ")
-                state = self._forward(b"admin.vm.CurrentState+ " + " ".join(header[1:]).encode()
-                                      + b"\0")  # fmt: skip
+                state = self.forward(b"admin.vm.CurrentState+ " + " ".join(header[1:]).encode()
+                                     + b"\0")  # fmt: skip
                 if state.startswith(b"0\0"):
                     self.starts.append(header[-1])
                     conn.sendall(b"0\0")
                 else:
                     conn.sendall(state)
                 return
-            conn.sendall(self._forward(request))
+            conn.sendall(self.forward(request))
 
 
 QREXEC_STANDIN = '''#!{python}

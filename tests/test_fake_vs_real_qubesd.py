@@ -61,41 +61,14 @@ class Call:
     answer: bytes
 
 
-class Recorder:
+class Recorder(real_qubesd.UnixProxy):
     """A unix socket in front of a qubesd that forwards each request unchanged and records it
     with the answer. admin.vm.Start is answered here (STAND-IN, see the module docstring)."""
 
     def __init__(self, upstream: str, path: str) -> None:
-        self.upstream = upstream
-        self.path = path
         self.calls: list[Call] = []
         self.lock = threading.Lock()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(32)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(timeout=5)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def forward(self, request: bytes) -> bytes:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as up:
-            up.connect(self.upstream)
-            up.sendall(request)
-            up.shutdown(socket.SHUT_WR)
-            return b"".join(iter(lambda: up.recv(65536), b""))
+        super().__init__(upstream, path)
 
     def _handle(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
