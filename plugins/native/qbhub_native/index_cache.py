@@ -58,6 +58,7 @@ from qubes_backup_hub.errors import IntegrityError
 
 from .index import BlobLocation, Index, PackTable
 from .pack import ENTRY, PackEntry
+from .pids import pid_alive
 
 MAGIC = b"QBIXCACHE1\0\0"
 HEADER = struct.Struct("<12sIQQQ32s")
@@ -423,22 +424,9 @@ def remove_stale_temporaries(directory: Path) -> None:
     """Remove temporary files of rebuilds (and spilled runs) whose process no longer runs."""
     for stale in directory.glob(f"{TMP_MARK}*"):
         pid = stale.name[len(TMP_MARK) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             with suppress(OSError):
                 stale.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    """True unless no process has this PID (one we may not signal still counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def spill_run(directory: Path, tables: list[PackTable]) -> DiskIndex:

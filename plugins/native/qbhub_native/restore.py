@@ -28,6 +28,7 @@ from qubes_backup_hub.progress import Progress
 
 from .blob import BlobType
 from .index import BlobLocation
+from .pids import pid_alive
 from .repository import Repository
 from .session import VolumeRecord
 from .tree import ID_BYTES, ZERO_ID, iter_leaves
@@ -274,7 +275,7 @@ def remove_stale_partials(directory: Path) -> list[str]:
         return removed
     for name in names:
         match = PARTIAL_NAME.fullmatch(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = directory / name
         try:
@@ -284,19 +285,6 @@ def remove_stale_partials(directory: Path) -> list[str]:
         except OSError:
             continue
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    """True unless no process has this PID (a process we may not signal still counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _existing_mode(path: Path) -> int | None:
