@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from ..errors import IntegrityError, UsageError
+from ..errors import IntegrityError, NotFoundError, UsageError
+from ..retention import Decision, decide, make_rules, session_order
 from ..safety.names import check_session_id
 from . import format as fmt
 from .context import archive_options, cli_state
@@ -117,22 +118,87 @@ def damage_summary(r: dict[str, Any]) -> str:
     return f"verify found {count} damaged object(s); {affected}"
 
 
-@click.command()
+KEEP_EVERY_SESSION = 1 << 40
+RETENTION_HELP = """Drop sessions and reclaim the space only they used (sparse packs are repacked).
+
+\b
+Name sessions with --session, or give retention rules; a session is kept if
+any rule keeps it, and dropped otherwise:
+  --keep-last N       the N newest sessions
+  --keep-within SPAN  every session made within SPAN before the newest one
+                      (h hours, d days, w weeks, m months of 31 days, y years
+                      of 365 days: 2d, 12h, 6m)
+  --keep-hourly N, --keep-daily N, --keep-weekly N, --keep-monthly N,
+  --keep-yearly N     the newest session of each of the N most recent hours,
+                      days, ISO weeks (Monday first), months or years that
+                      have a session, in local time
+
+Each rule counts its periods on its own: a session kept by --keep-daily still
+counts as its week's for --keep-weekly. --dry-run shows what would be dropped
+and why each other session stays. A prune that would drop every session is
+refused unless --delete-all says that is meant.
+"""
+
+
+@click.command(help=RETENTION_HELP)
 @archive_options
 @click.option("--session", "sessions", multiple=True, help="Drop this session (repeatable).")
-@click.option("--keep-last", type=int, default=None, help="Drop all but the newest N sessions.")
+@click.option("--keep-last", type=int, default=None, metavar="N", help="Keep the N newest.")
+@click.option("--keep-within", default=None, metavar="SPAN", help="Keep those within SPAN.")
+@click.option("--keep-hourly", type=int, default=None, metavar="N", help="Keep N hourly.")
+@click.option("--keep-daily", type=int, default=None, metavar="N", help="Keep N daily.")
+@click.option("--keep-weekly", type=int, default=None, metavar="N", help="Keep N weekly.")
+@click.option("--keep-monthly", type=int, default=None, metavar="N", help="Keep N monthly.")
+@click.option("--keep-yearly", type=int, default=None, metavar="N", help="Keep N yearly.")
+@click.option("--dry-run", is_flag=True, help="Show what would be dropped and why; change nothing.")
+@click.option("--delete-all", is_flag=True, help="Allow a prune that drops every session.")
 def prune(
     dest: str,
     engine: str,
     passphrase_file: Path | None,
     json_output: bool,
     sessions: tuple[str, ...],
-    keep_last: int | None,
+    dry_run: bool,
+    delete_all: bool,
+    **keep: Any,
 ) -> None:
-    """Drop sessions and reclaim the space only they used (sparse packs are repacked)."""
     state = cli_state(json_output)
     for s in sessions:
         check_session_id(s)
+    rules = make_rules(**{name.removeprefix("keep_"): value for name, value in keep.items()})
+    if sessions and rules.given():
+        raise UsageError("give either --session or retention rules (--keep-*), not both")
+    if not sessions and not rules.given():
+        raise UsageError("name the sessions to drop (--session ID) or give --keep-* rules")
     eng = state.engine(engine, passphrase_file)
-    result = eng.prune(state.store(dest), sessions=list(sessions), keep_last=keep_last)
-    state.emit(result, fmt.prune_text)
+    store = state.store(dest)
+    listed = [s["session"] for s in eng.list_sessions(store, session=None)["sessions"]]
+    if sessions:
+        missing = [s for s in sessions if s not in listed]
+        if missing:
+            raise NotFoundError(f"no such session(s): {', '.join(missing)}")
+        named = set(sessions)
+        decision = Decision(
+            keep={s: ["not named"] for s in sorted(listed, key=session_order, reverse=True)
+                  if s not in named},
+            drop=sorted(named, key=session_order),
+        )  # fmt: skip
+    else:
+        decision = decide(listed, rules)
+    if listed and not decision.keep and not delete_all:
+        raise UsageError(
+            f"this prune would drop every session ({len(listed)}); "
+            "add --delete-all if that is what you mean"
+        )
+    plan = {"dry_run": dry_run, **decision.as_dict()}
+    if dry_run:
+        state.emit(plan, fmt.prune_plan_text)
+        return
+    # Nothing to drop still reclaims what interrupted backups left: keep every session, then
+    # including any a backup commits meanwhile.
+    result = (
+        eng.prune(store, sessions=decision.drop, keep_last=None)
+        if decision.drop
+        else eng.prune(store, sessions=[], keep_last=KEEP_EVERY_SESSION)
+    )
+    state.emit({**result, **plan}, fmt.prune_text)

@@ -7,6 +7,7 @@ from functools import wraps
 from typing import Any
 
 from ..progress import human_bytes
+from ..retention import session_order
 
 Renderer = Callable[[dict[str, Any]], str]
 
@@ -111,3 +112,18 @@ def prune_text(r: dict[str, Any]) -> str:
         f"objects removed {r['objects_deleted']}\n"
         f"  archive size {human_bytes(r['bytes_before'])} -> {human_bytes(r['bytes_after'])}"
     )
+
+
+def prune_plan_text(r: dict[str, Any]) -> str:
+    """A prune's decision, newest first: what stays (and which rules keep it), what goes."""
+    drop = r["drop"]
+    if r["dry_run"]:
+        head = f"Would drop {len(drop)} of {len(drop) + len(r['keep'])} sessions (dry run)"
+    else:
+        head = f"Nothing to prune: every one of the {len(r['keep'])} sessions is kept"
+    lines = [head]
+    rows = [(k["session"], "keep", ", ".join(k["reasons"])) for k in r["keep"]]
+    rows += [(s, "drop", "no rule keeps it") for s in drop]
+    for session, verdict, why in sorted(rows, key=lambda row: session_order(row[0]), reverse=True):
+        lines.append(f"  {session:<20} {verdict}  {why}")
+    return "\n".join(lines)
