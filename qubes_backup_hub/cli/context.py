@@ -17,6 +17,7 @@ from ..progress import Progress
 from ..registry import Registry, load_registry
 from ..safety.rollback import ArchiveFacts, default_home
 from ..store.base import Store
+from .profiles import Profile, load_profile
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_LOCK_WAIT = 60.0  # seconds a command waits for another one's archive lock
@@ -31,6 +32,8 @@ class CliState:
     allow_unencrypted: bool = False
     lock_wait: float = DEFAULT_LOCK_WAIT
     dest: str | None = None
+    passphrase_command: str | None = None
+    profile: Profile | None = None
     _registry: Registry | None = field(default=None, repr=False)
 
     @property
@@ -49,7 +52,7 @@ class CliState:
     ) -> Engine:
         context = EngineContext(
             hook=self.registry.pm.hook,
-            passphrase=PassphraseSource(file=passphrase_file),
+            passphrase=self.passphrase_source(passphrase_file),
             state_dir=default_home(),
             progress=Progress(enabled=None if not self.json_output else False),
             new_passphrase=new_passphrase,
@@ -69,9 +72,13 @@ class CliState:
         finally:
             store.close()
 
+    def passphrase_source(self, passphrase_file: Path | None) -> PassphraseSource:
+        """--passphrase-file, else --passphrase-command, else $QBHUB_PASSPHRASE, else a prompt."""
+        return PassphraseSource(file=passphrase_file, command=self.passphrase_command)
+
     def passphrase_prompts(self, passphrase_file: Path | None) -> bool:
         """True if the engine would have to ask for the passphrase on the terminal."""
-        return PassphraseSource(file=passphrase_file).will_prompt()
+        return self.passphrase_source(passphrase_file).will_prompt()
 
     def store(self, url: str) -> Store:
         store = self.registry.open_store(url)
@@ -101,13 +108,47 @@ def _set_state(attribute: str) -> Callable[[click.Context, click.Parameter, Any]
     return callback
 
 
+def top_command(ctx: click.Context) -> str:
+    """The name of the command under `qbhub` that `ctx` runs in (`volume` for `volume backup`)."""
+    while ctx.parent is not None and ctx.parent.parent is not None:
+        ctx = ctx.parent
+    return ctx.info_name or ""
+
+
+def _apply_profile(ctx: click.Context, _param: click.Parameter, name: str | None) -> None:
+    """--profile NAME: the profile's keys become this command's defaults (flags and their
+    environment variables still win). Eager: it runs before every other option is read."""
+    if not name:
+        return
+    profile = load_profile(name)
+    ctx.ensure_object(CliState).profile = profile
+    params = {p.name for p in ctx.command.params if p.name}
+    ctx.default_map = {**(ctx.default_map or {}), **profile.defaults_for(top_command(ctx), params)}
+
+
+def profile_option(func: F) -> F:
+    """--profile NAME (or $QBHUB_PROFILE): take defaults from a profile of the config file."""
+    return click.option(
+        "--profile",
+        metavar="NAME",
+        envvar="QBHUB_PROFILE",
+        is_eager=True,
+        expose_value=False,
+        callback=_apply_profile,
+        help="Take option defaults from profile NAME of ~/.config/qbhub/config.toml "
+        "($QBHUB_CONFIG); options given here win.",
+    )(func)
+
+
 def archive_options(func: F) -> F:
-    """--dest, --engine, --passphrase-file, --json, --allow-unencrypted and --lock-wait, shared
-    by every archive command."""
+    """--dest, --engine, --passphrase-file/-command, --json, --allow-unencrypted, --lock-wait and
+    --profile, shared by every archive command. Each has an environment variable
+    (QBHUB_DEST, ...): the command line wins, then the environment, then the profile."""
     func = click.option(
         "--lock-wait",
         type=click.FloatRange(0, 86400),
         default=None,
+        envvar="QBHUB_LOCK_WAIT",
         expose_value=False,
         callback=_set_state("lock_wait"),
         metavar="SECONDS",
@@ -126,13 +167,25 @@ def archive_options(func: F) -> F:
         func
     )
     func = click.option(
+        "--passphrase-command",
+        metavar="CMD",
+        envvar="QBHUB_PASSPHRASE_COMMAND",
+        expose_value=False,
+        callback=_set_state("passphrase_command"),
+        help="Run CMD (no shell; split like a shell would) and use the first line it prints as "
+        "the passphrase, as BORG_PASSCOMMAND does (e.g. `pass show qbhub`).",
+    )(func)
+    func = click.option(
         "--passphrase-file",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="Read the passphrase from this file (else $QBHUB_PASSPHRASE, else a prompt).",
+        envvar="QBHUB_PASSPHRASE_FILE",
+        help="Read the passphrase from this file (else --passphrase-command, else "
+        "$QBHUB_PASSPHRASE, else a prompt).",
     )(func)
     func = click.option(
         "--engine",
         default=None,
+        envvar="QBHUB_ENGINE",
         help="Backup engine (see `qbhub engines`); only `init` needs it (default native): "
         "later commands use the engine that wrote the archive.",
     )(func)
@@ -140,10 +193,11 @@ def archive_options(func: F) -> F:
         "--dest",
         required=True,
         metavar="URL",
+        envvar="QBHUB_DEST",
         callback=_set_state("dest"),
-        help="The archive: a directory path (or file://PATH).",
+        help="The archive: a directory path (or file://PATH), or qubes://BACKUPVM/NAME.",
     )(func)
-    return func
+    return profile_option(func)
 
 
 def cli_state(json_output: bool) -> CliState:

@@ -25,9 +25,11 @@ passphrase, 6 storage or I/O error, 7 not found, 8 refused by a restore
 validator, 130 interrupted.
 
 \b
-The passphrase comes from --passphrase-file, else $QBHUB_PASSPHRASE, else a
-prompt. Local state (the newest archive generation seen, for rollback
-detection) lives in $QBHUB_HOME (default ~/.local/share/qbhub).
+The passphrase comes from --passphrase-file, else --passphrase-command, else
+$QBHUB_PASSPHRASE, else a prompt. --profile NAME takes option defaults from
+~/.config/qbhub/config.toml ($QBHUB_CONFIG); given options win. Local state
+(the newest archive generation seen, for rollback detection) lives in
+$QBHUB_HOME (default ~/.local/share/qbhub).
 """
 
 
@@ -46,6 +48,7 @@ COMMANDS = {
     "backup": "cmd_hub:backup",
     "restore": "cmd_hub:restore",
     "local": "cmd_local:local",
+    "schedule": "cmd_schedule:schedule",
 }
 
 
