@@ -7,11 +7,19 @@ through dom0 (QUERY frames with read requests, answered only for objects dom0 li
 holds no capability of its own; everything an attacker controls in storage is parsed here, not in
 dom0. What it sends back is the restore stream described in `safety.restore_channel`: a strict
 header, then exactly the declared bytes.
+
+Local state: the engine's scratch state (an index cache it may have to build) lives in a
+temporary directory under $HOME, which is disk in a DispVM (its private volume) and in the
+LocalPlatform's sandbox (the DispVM's directory), not /tmp, which is often RAM. Where the platform
+hands over dom0's own index cache read-only (the LocalPlatform binds it and names it in
+$QBHUB_INDEX_CACHE_SEED), the engine gets that directory as its `index_cache_seed` option: the
+file is used only if it is valid for the root dom0 pinned, and never written.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -41,6 +49,7 @@ from ..store.base import Bytes, Store
 from ..store.qrexec import OP
 
 MAX_JOB = 64 * 1024
+SEED_ENV = "QBHUB_INDEX_CACHE_SEED"  # a read-only directory of dom0's index cache files
 
 
 class RelayStore(Store):
@@ -121,12 +130,15 @@ def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
     """Do one restore job: describe the session, then stream every selected volume."""
     store = RelayStore(requests, replies)
     registry = load_registry()
-    with tempfile.TemporaryDirectory() as state_dir:
+    seed = os.environ.get(SEED_ENV)
+    options = {"index_cache_seed": seed} if seed else {}
+    with tempfile.TemporaryDirectory(prefix="qbhub-worker-", dir=_scratch_parent()) as state_dir:
         context = EngineContext(
             hook=registry.pm.hook,
             passphrase=PassphraseSource(env_var=None, prompt=""),
             state_dir=Path(state_dir),
             progress=Progress(enabled=False),
+            options=options,
             read_grant=_grant(job),
         )
         engine = registry.engine(str(job.get("engine", "native"))).create(context)
@@ -157,6 +169,14 @@ def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
                     )
         send(requests, END)
         requests.flush()
+
+
+def _scratch_parent() -> str | None:
+    """$HOME if it is a writable directory (disk), else None (the system's temporary dir)."""
+    home = os.environ.get("HOME")
+    if home and os.path.isdir(home) and os.access(home, os.W_OK):
+        return home
+    return None
 
 
 def _grant(job: dict[str, Any]) -> dict[str, str]:

@@ -14,6 +14,7 @@ from qubes_backup_hub.store.base import Store
 
 from .archiver import run_session
 from .compare import compare_volume
+from .index_cache import cache_path
 from .limits import MAX_ROOT
 from .prune import choose_sessions, prune_archive
 from .repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
@@ -23,6 +24,8 @@ from .session import SessionRecord, VolumeRecord
 from .verify import verify_archive
 
 INDEX_CACHE_DIR = "index-cache"  # in the local state directory: see index_cache.py
+# Engine option set in a restore worker: a read-only directory holding dom0's index cache files.
+INDEX_CACHE_SEED_OPTION = "index_cache_seed"
 CAPABILITIES = frozenset(
     {
         "encryption",
@@ -62,10 +65,21 @@ class NativeEngine(Engine):
         if self.context.read_grant is not None:
             if fresh:
                 raise UsageError("a restore worker holds a read grant: it can't write")
-            repo = Repository.open_granted(store, self.context.read_grant)
+            repo = self._open_granted(store, self.context.read_grant)
         else:
             repo = self._open_with_passphrase(store, reuse=cached)
         self._repos[id(store)] = repo
+        return repo
+
+    def _open_granted(self, store: Store, grant: dict[str, str]) -> Repository:
+        """A restore worker's opening: lookups from dom0's index cache when it was handed one
+        (read-only) and it fits this root, else from a cache built in the worker's own state."""
+        seed_dir = self.context.options.get(INDEX_CACHE_SEED_OPTION)
+        repo = Repository.open_granted(
+            store, grant, cache_dir=self.context.state_dir / INDEX_CACHE_DIR
+        )
+        if seed_dir:
+            repo.cache_seed = cache_path(Path(str(seed_dir)), repo.header.archive_id)
         return repo
 
     def _open_with_passphrase(self, store: Store, *, reuse: Repository | None = None) -> Repository:

@@ -318,14 +318,28 @@ def open_cached(
     archive_id: str,
     indexes: IndexList,
     read_tables: TableSource,
+    seed: Path | None = None,
 ) -> CachedIndex:
     """The archive's index for a root listing `indexes`, from the cache file in `directory`.
 
     Uses the file if it covers a prefix of `indexes` and what follows is small (read into
     memory through `read_tables`); otherwise rebuilds the file from every index object first.
+    `seed` is another process's cache file for the same archive that this one may read but not
+    write (a restore worker is handed dom0's): it is judged exactly like the own file and used
+    in its place when it is sound and covers a prefix; whatever must be written (a fold, a
+    rebuild) goes to `directory`, never to `seed`.
     """
     path = cache_path(directory, archive_id)
-    disk = _open_matching(path, archive_id, indexes)
+    disk = _open_matching(seed, archive_id, indexes) if seed is not None else None
+    if disk is not None and path.exists():  # keep the own file if it covers more
+        own = _open_matching(path, archive_id, indexes)
+        if own is not None and own.layout.covered > disk.layout.covered:
+            disk.close()
+            disk = own
+        elif own is not None:
+            own.close()
+    if disk is None:
+        disk = _open_matching(path, archive_id, indexes)
     if disk is not None:
         extra = _read_extra(indexes[disk.layout.covered :], read_tables)
         if extra is not None:
@@ -500,6 +514,7 @@ def _write(
         spill.flush()
         spill.seek(0)
         data = spill.read()
+        spill.truncate(0)  # the spill files shrink as the file grows: disk peak ~ one copy
         parts = [data[k : k + RECORD.size] for k in range(0, len(data), RECORD.size)]
         del data
         parts.sort(key=lambda r: r[:32])  # stable: the first occurrence stays first

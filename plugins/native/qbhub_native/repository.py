@@ -221,6 +221,7 @@ class Repository:
         state: LocalState | None,
         first_contact: bool = False,
         cache_dir: Path | None = None,
+        cache_seed: Path | None = None,
     ) -> None:
         self.store = store
         self._master = root.master
@@ -232,6 +233,7 @@ class Repository:
         self.state = state  # None: opened with a read grant, never remembers, never writes
         self.fingerprint = root.fingerprint
         self.cache_dir = cache_dir  # the local index cache's directory; None: index in memory
+        self.cache_seed = cache_seed  # another's cache file, read-only (a restore worker's)
         self._index: Index | None = None
         self._locator: Locator | None = None
         self.info = OpenInfo(first_contact, root.body.generation, root.body.updated)
@@ -266,7 +268,7 @@ class Repository:
                 try:
                     self._locator = open_cached(
                         self.cache_dir, self.header.archive_id, list(self.body.indexes),
-                        self.index_object_tables,
+                        self.index_object_tables, seed=self.cache_seed,
                     )  # fmt: skip
                 except OSError:  # no room or no right to write the cache: work in memory
                     self._locator = self.index
@@ -397,9 +399,20 @@ class Repository:
         return repo
 
     @classmethod
-    def open_granted(cls, store: Store, grant: dict[str, str]) -> Repository:
+    def open_granted(
+        cls,
+        store: Store,
+        grant: dict[str, str],
+        *,
+        cache_dir: Path | None = None,
+        cache_seed: Path | None = None,
+    ) -> Repository:
         """Open the archive with a read grant's keys (in a restore worker): no KDF, no passphrase,
-        no rollback memory, no writes. IntegrityError unless the root authenticates under them."""
+        no rollback memory, no writes. IntegrityError unless the root authenticates under them.
+
+        `cache_dir` (the worker's own scratch directory) holds an index cache it builds itself;
+        `cache_seed`, dom0's cache file handed over read-only, is used instead when it is valid
+        for this root (see `index_cache.open_cached`)."""
         archive_id, suite, key, pinned_key = parse_grant(grant)
         data = read_root(store)
         raw_header, header, sealed = split_root(data)
@@ -411,7 +424,8 @@ class Repository:
         root_keys = Keys.for_reading(suite, pinned_key) if pinned_key is not None else keys
         body = open_body(raw_header, sealed, Sealer(root_keys))
         check_geometry(body)
-        return cls(store, AuthenticatedRoot(data, header, body, keys, None, "", root_keys), None)
+        root = AuthenticatedRoot(data, header, body, keys, None, "", root_keys)
+        return cls(store, root, None, cache_dir=cache_dir, cache_seed=cache_seed)
 
     def read_grant(self) -> tuple[dict[str, str], bytes]:
         """What a restore worker needs to read this archive: (secret, the root to pin).

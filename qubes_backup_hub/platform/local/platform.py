@@ -43,6 +43,12 @@ from .statefile import (
 )
 
 ADMIN_SETTINGS = VMSettings(ADMIN_VM, "AdminVM", properties={"label": "black"})
+# The restore worker is handed dom0's index cache directory (the native engine's, under this
+# home) read-only at SEED_MOUNT, named in $SEED_ENV; see workers/restore.py.
+RESTORE_WORKER = "qbhub.RestoreWorker"
+INDEX_CACHE_DIR = "index-cache"
+SEED_MOUNT = "/run/qbhub/index-cache"
+SEED_ENV = "QBHUB_INDEX_CACHE_SEED"
 
 
 class LocalPlatform(Platform):
@@ -261,6 +267,20 @@ class LocalPlatform(Platform):
         ro_paths = import_roots() + extra
         root = self.root.resolve()
         masks = (root,) if any(root.is_relative_to(p) for p in ro_paths) else ()
+        env: tuple[tuple[str, str], ...] = (
+            ("QREXEC_REMOTE_DOMAIN", ADMIN_VM),
+            ("QREXEC_SERVICE_FULL_NAME", "+".join((service, *args[:1]))),
+            ("QBHUB_VM", vm),
+        )
+        ro_binds: tuple[tuple[Path, str], ...] = ()
+        seed = self.home / INDEX_CACHE_DIR
+        if service == RESTORE_WORKER and seed.is_dir():
+            # Read-only: the worker (untrusted) may read what it could derive with its grant,
+            # and must never write dom0's file. Unsandboxed, it sees the host path itself.
+            if self.sandbox.sandboxed:
+                ro_binds, env = ((seed.resolve(), SEED_MOUNT),), (*env, (SEED_ENV, SEED_MOUNT))
+            else:
+                env = (*env, (SEED_ENV, str(seed.resolve())))
         return SandboxSpec(
             module=module.module,
             home=(home or self.vm_home(vm)).resolve(),
@@ -268,11 +288,8 @@ class LocalPlatform(Platform):
             ro_paths=ro_paths,
             python_path=extra,
             masks=masks,
-            env=(
-                ("QREXEC_REMOTE_DOMAIN", ADMIN_VM),
-                ("QREXEC_SERVICE_FULL_NAME", "+".join((service, *args[:1]))),
-                ("QBHUB_VM", vm),
-            ),
+            ro_binds=ro_binds,
+            env=env,
         )
 
     def _start(
