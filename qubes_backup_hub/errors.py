@@ -3,7 +3,7 @@
 Exit codes (documented in the README and `qbhub --help`):
   0 success, 1 other error, 2 usage error, 3 integrity or authentication failure,
   4 rollback detected, 5 wrong passphrase, 6 storage or I/O error, 7 not found,
-  8 refused by a restore validator, 130 interrupted.
+  8 refused by a restore validator, 9 `diff --exit-status` found a difference, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -65,3 +65,10 @@ class ValidationError(QbhubError):
     """A restore-validate hook refused what a restore would import."""
 
     exit_code = 8
+
+
+class DifferenceFound(QbhubError):
+    """`diff --exit-status`: the archived volume and the local one differ (not an error of
+    integrity: both were read correctly)."""
+
+    exit_code = 9

@@ -28,6 +28,8 @@ class PassphraseSource:
     env_var: str | None = ENV_VAR
     prompt: str = "Passphrase for the archive: "
     value: bytes | None = None  # given directly (e.g. handed to a restore worker by dom0)
+    what: str = "passphrase"  # how errors name it ("new passphrase")
+    file_option: str = "--passphrase-file or --passphrase-command"  # what errors suggest
 
     def will_prompt(self) -> bool:
         """True if get() would ask on the terminal (no value, file or environment variable)."""
@@ -62,12 +64,12 @@ class PassphraseSource:
                 raise PassphraseError("the two passphrases differ")
             phrase = first.encode()
         else:
+            variable = f"set {self.env_var}, " if self.env_var else ""
             raise PassphraseError(
-                f"no passphrase: give --passphrase-file or --passphrase-command, set {ENV_VAR}, "
-                "or run on a terminal"
+                f"no {self.what}: give {self.file_option}, {variable}or run on a terminal"
             )
         if not phrase:
-            raise PassphraseError("the passphrase is empty")
+            raise PassphraseError(f"the {self.what} is empty")
         return phrase
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..errors import IntegrityError
+from ..errors import DifferenceFound
 from ..safety.names import check_session_id, check_volume_name
 from .context import archive_options, cli_state
 from .format import human_bytes
@@ -40,7 +40,9 @@ def diff_text(r: dict[str, Any]) -> str:
 @click.argument("name")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--session", help="Compare with this session (default: the newest holding NAME).")
-@click.option("--exit-status", is_flag=True, help="Exit 3 when the volumes differ.")
+@click.option(
+    "--exit-status", is_flag=True, help="Exit 9 when the volumes differ (0 when identical)."
+)
 def diff(
     dest: str,
     engine: str,
@@ -64,4 +66,4 @@ def diff(
     result = eng.compare_volume(state.store(dest), name, path, session=session)
     state.emit(result, diff_text)
     if exit_status and not result["identical"]:
-        raise IntegrityError(f"{name} differs from {path}")
+        raise DifferenceFound(f"{name} differs from {path}")

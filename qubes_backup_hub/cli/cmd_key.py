@@ -33,7 +33,11 @@ def change_passphrase(
     """Rewrap the archive key under a new passphrase; no data is re-encrypted."""
     state = cli_state(json_output)
     new = PassphraseSource(
-        file=new_passphrase_file, env_var="QBHUB_NEW_PASSPHRASE", prompt="New passphrase: "
+        file=new_passphrase_file,
+        env_var="QBHUB_NEW_PASSPHRASE",
+        prompt="New passphrase: ",
+        what="new passphrase",
+        file_option="--new-passphrase-file",
     )
     eng = state.engine(engine, passphrase_file, new_passphrase=new)
     result = eng.change_passphrase(state.store(dest))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import sys
@@ -22,7 +23,8 @@ EPILOG = """\b
 Exit codes: 0 success, 1 other error, 2 usage error, 3 integrity or
 authentication failure, 4 archive rollback detected, 5 wrong or missing
 passphrase, 6 storage or I/O error, 7 not found, 8 refused by a restore
-validator, 130 interrupted.
+validator, 9 diff --exit-status found a difference, 130 interrupted. With
+--json an error is also printed on stdout as {"error": ..., "code": N}.
 
 \b
 The passphrase comes from --passphrase-file, else --passphrase-command, else
@@ -115,48 +117,54 @@ def signals_unwind() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; turn every error into one line on stderr and a documented exit code.
+    """Run the CLI; turn every error into one line on stderr and a documented exit code (and,
+    with --json, into {"error": ..., "code": N} on stdout).
 
     SIGTERM and SIGHUP unwind the command (its cleanup runs) and exit 128 + the signal number.
     """
     tune_allocator()
+    args = list(sys.argv[1:] if argv is None else argv)
+    json_errors = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
+    message, code = run_cli(args)
+    if message is not None:
+        click.echo(message, err=True)
+        if json_errors:
+            text = message.removeprefix("qbhub: error: ").removeprefix("qbhub: ")
+            click.echo(json.dumps({"error": text, "code": code}))
+    return code
+
+
+def run_cli(args: list[str]) -> tuple[str | None, int]:
+    """Run the command line; return the error line to show (None: nothing) and the exit code."""
     try:
         with signals_unwind():
-            cli.main(args=argv, prog_name="qbhub", standalone_mode=False)
+            cli.main(args=args, prog_name="qbhub", standalone_mode=False)
     except Terminated as exc:
-        click.echo(f"qbhub: terminated by {exc}", err=True)
-        return 128 + exc.signum
+        return f"qbhub: terminated by {exc}", 128 + exc.signum
     except QbhubError as exc:
-        click.echo(f"qbhub: error: {exc}", err=True)
-        return exc.exit_code
+        return f"qbhub: error: {exc}", exc.exit_code
     except click.exceptions.Abort:
-        click.echo("qbhub: interrupted", err=True)
-        return 130
+        return "qbhub: interrupted", 130
     except click.ClickException as exc:
         exc.show()
-        return 2
+        return None, 2
     except click.exceptions.Exit as exc:
-        return exc.exit_code
+        return None, exc.exit_code
     except KeyboardInterrupt:
-        click.echo("\nqbhub: interrupted", err=True)
-        return 130
+        return "\nqbhub: interrupted", 130
     except OSError as exc:
         if os.environ.get("QBHUB_DEBUG"):
             raise
-        click.echo(
-            f"qbhub: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True
-        )
-        return 6
+        return f"qbhub: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 6
     except Exception as exc:
         if os.environ.get("QBHUB_DEBUG"):
             raise
-        click.echo(
+        return (
             f"qbhub: internal error: {type(exc).__name__}: {exc} "
             "(set QBHUB_DEBUG=1 for a traceback, and please report it)",
-            err=True,
+            1,
         )
-        return 1
-    return 0
+    return None, 0
 
 
 if __name__ == "__main__":

@@ -286,10 +286,28 @@ def restore_vms(
     grant = engine.grant_read(store)
     if request.all_vms:  # the VMs the session holds, as dom0 itself reads them
         request = dataclasses.replace(request, vms=session_vms(engine, store, request.session))
+    else:
+        check_named_vms(engine, store, request)
     listing = dict(store.list())
     if request.replace or request.data_only:
         _run_worker(platform, store, hook, grant, listing, request, do_import=False)
     return _run_worker(platform, store, hook, grant, listing, request, do_import=True)
+
+
+def check_named_vms(engine: Engine, store: Store, request: RestoreRequest) -> None:
+    """A missing session or VM is "not found" (exit 7), said by dom0 before any worker starts;
+    for an engine whose sessions only its worker can read, the worker says it instead."""
+    try:
+        described = engine.describe_session(store, request.session)
+    except UsageError:
+        return
+    held = _vm_names(described)
+    missing = [name for name in request.vms if name not in held]
+    if held and missing:  # (a session of volumes only: the worker says so)
+        raise NotFoundError(
+            f"no VM named {', '.join(missing)} in session {described.get('session')} "
+            f"(it holds {', '.join(held[:10])}{' ...' if held[10:] else ''})"
+        )
 
 
 def session_vms(engine: Engine, store: Store, session: str | None) -> list[str]:
@@ -302,12 +320,20 @@ def session_vms(engine: Engine, store: Store, session: str | None) -> list[str]:
         raise UsageError(
             f"--all needs dom0 to read the session's list of VMs, and {exc}: name the VMs"
         ) from None
-    metadata = described.get("metadata")
-    documents = metadata.get("vms") if isinstance(metadata, dict) else None
-    if not isinstance(documents, list) or not documents:
+    names = _vm_names(described)
+    if not names:
         raise NotFoundError(
             f"session {described.get('session')} holds no VM (a backup of volumes only?)"
         )
+    return names
+
+
+def _vm_names(described: dict[str, Any]) -> list[str]:
+    """The VM names of an authenticated session description, checked."""
+    metadata = described.get("metadata")
+    documents = metadata.get("vms") if isinstance(metadata, dict) else None
+    if not isinstance(documents, list):
+        return []
     names = [
         check_vm_name(doc.get("name") if isinstance(doc, dict) else None, "session record")
         for doc in documents

@@ -1,0 +1,83 @@
+"""Rough edges a new user hit (issue 14), each run through the real CLI: the exit code a
+script can act on, and one clear line that names what the user typed (never an internal name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Qbhub, write_image
+
+
+@pytest.fixture
+def vm_archive(qbhub: Qbhub, tmp_path: Path) -> Path:
+    """An archive holding one session of LocalPlatform VM `work`."""
+    qbhub.run("local", "vm-create", "work", "--class", "StandaloneVM", "--label", "red",
+              "--size", "1M")  # fmt: skip
+    archive = tmp_path / "archive"
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("backup", "work", "--dest", archive)
+    return archive
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert "Traceback" not in text and "relay://" not in text
+    return lines[0]
+
+
+def test_restore_of_unknown_vm_or_session_is_not_found(qbhub: Qbhub, vm_archive: Path) -> None:
+    vm = qbhub.run("restore", "nosuch", "--dest", vm_archive, check=False)
+    assert vm.returncode == 7
+    line = one_line(vm.stderr)
+    assert "no VM named nosuch in session" in line and "it holds work" in line
+    assert "worker" not in line and "QbhubError" not in line
+    session = qbhub.run("restore", "work", "--dest", vm_archive, "--session", "20200101T000000Z",
+                        "--rename", "work:w2", check=False)  # fmt: skip
+    assert session.returncode == 7
+    assert "no session 20200101T000000Z" in one_line(session.stderr)
+    assert "NotFoundError" not in session.stderr
+
+
+def test_diff_exit_status_has_its_own_code(qbhub: Qbhub, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", blocks=4)
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk")
+    same = qbhub.run("diff", "--dest", archive, "disk", image, "--exit-status", check=False)
+    assert same.returncode == 0, same.stderr
+    write_image(image, blocks=4, seed=99)
+    differs = qbhub.run("diff", "--dest", archive, "disk", image, "--exit-status", check=False)
+    assert differs.returncode == 9  # not 3: nothing failed to authenticate
+    assert "disk differs from" in one_line(differs.stderr)
+
+
+def test_change_passphrase_names_the_missing_new_passphrase(qbhub: Qbhub, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    qbhub.run("init", "--dest", archive)
+    result = qbhub.run("key", "change-passphrase", "--dest", archive, check=False)
+    assert result.returncode == 5
+    line = one_line(result.stderr)
+    assert "no new passphrase" in line
+    assert "--new-passphrase-file" in line and "QBHUB_NEW_PASSPHRASE" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["list", "--dest", "{tmp}/missing"], 7),
+        (["prune", "--dest", "{tmp}/missing", "--keep-last", "-1"], 2),
+        (["volume", "restore", "--dest", "{tmp}/missing", "bad name!", "--to", "{tmp}/x"], 2),
+    ],
+)
+def test_json_errors_are_json(qbhub: Qbhub, tmp_path: Path, args: list[str], code: int) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = qbhub.run(*argv, "--json", check=False)
+    assert result.returncode == code
+    document = json.loads(result.stdout)
+    assert document["code"] == code
+    assert document["error"] and "qbhub:" not in document["error"]
+    assert document["error"] in one_line(result.stderr)
