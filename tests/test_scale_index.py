@@ -394,3 +394,64 @@ def test_an_unwritable_cache_directory_falls_back_to_memory(tmp_path: Path, qbhu
     out = tmp_path / "out.img"
     qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
     assert sha256(out) == sha256(image)
+
+
+def test_write_cache_merges_a_file_runs_and_tables_in_precedence_order(tmp_path: Path) -> None:
+    """A file covering a prefix, sorted runs (pack numbers of their own) and pack tables give
+    the same answers as the in-memory index of every object in root order."""
+    objects = synthetic(11, 8, 150)
+    names = list(objects)
+    indexes = listing(objects)
+    base_path = tmp_path / "base.idx"
+    build_cache(base_path, ARCHIVE_ID, indexes[:3], lambda n, _: objects[n])
+    base = DiskIndex(base_path)
+    runs = [index_cache.spill_run(tmp_path, objects[n]) for n in names[3:6]]
+    later = [t for n in names[6:] for t in objects[n]]
+    target = index_cache.cache_path(tmp_path, ARCHIVE_ID)
+    index_cache.write_cache(target, ARCHIVE_ID, indexes, [base, *runs, later])
+    for run in runs:
+        run.close()
+    base.close()
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: pytest.fail("read " + n))
+    assert cached.disk.layout.covered == len(indexes)
+    ref = reference(objects, names)
+    probes = [i for n in names for i in ids_of(objects[n])] + [os.urandom(32) for _ in range(50)]
+    assert_same(cached, ref, probes)
+    cached.close()
+
+
+def test_a_backup_that_set_entries_aside_leaves_a_valid_cache(
+    tmp_path: Path, qbhub: Qbhub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a session whose entries went to runs, the cache file covers the new root's whole
+    index list and answers like the whole index: the next command reads no index object."""
+    from qbhub_native import writer
+    from qbhub_native.repository import Repository
+
+    from qubes_backup_hub.safety.rollback import LocalState
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    archive = tmp_path / "archive"
+    qbhub.run("init", "--dest", archive)
+    monkeypatch.setattr(writer, "MAX_INDEX_ENTRIES", 20)
+    image = write_image(tmp_path / "disk.img", 120, seed=12, zero_fraction=0.0)
+    backup_in_process(qbhub, archive, image)
+    rewrite_blocks(image, list(range(0, 120, 3)))
+    result = backup_in_process(qbhub, archive, image)
+    assert result["volumes"][0]["chunks_new"] >= 30
+    passphrase = qbhub.env["QBHUB_PASSPHRASE"].encode()
+    repo = Repository.open(LocalDirStore(archive), lambda: passphrase, LocalState(qbhub.home))
+    indexes = list(repo.body.indexes)
+    assert len(indexes) >= 2
+    path = index_cache.cache_path(qbhub.home / "index-cache", repo.header.archive_id)
+    cached = open_cached(
+        path.parent, repo.header.archive_id, indexes, lambda n, _: pytest.fail("read " + n)
+    )
+    assert cached.disk.layout.covered == len(indexes)
+    ref = repo.index
+    ids = [i for t in ref.tables() for i in ids_of([t])]
+    assert_same(cached, ref, ids + [os.urandom(32) for _ in range(20)])
+    cached.close()
+    out = tmp_path / "out.img"
+    qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
+    assert sha256(out) == sha256(image)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
+import sys
 from array import array
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import suppress
@@ -191,22 +192,36 @@ class DiskIndex:
         digest, end = PACK.unpack(raw)
         return "p" + digest.hex(), end
 
-    def spill_into(self, spills: list[BinaryIO]) -> int:
+    def spill_into(self, spills: list[BinaryIO], remap: array[int] | None = None) -> int:
         """Copy every record to the spill file of its ID's first byte; return the count.
 
-        Records are sorted, so each first byte's records are one run: copied in slices.
+        Records are sorted, so each first byte's records are one run: copied in slices. With
+        `remap`, each record's pack number k becomes remap[k] (the numbering of the file being
+        written); without, numbers are copied as they are.
         """
         step = 1 << 14
         per_byte = 1 << (self.layout.bits - 8)
+        words = RECORD.size // 4
         for first in range(256):
             start, end = self.buckets[first * per_byte], self.buckets[(first + 1) * per_byte]
             for at in range(start, end, step):
                 n = min(step, end - at)
                 raw = os.pread(self.fd, n * RECORD.size, self.layout.records_at + at * RECORD.size)
-                if len(raw) != n * RECORD.size or any(
-                    raw[k] != first for k in range(0, len(raw), RECORD.size)
-                ):
+                if len(raw) != n * RECORD.size or raw[:: RECORD.size] != bytes((first,)) * n:
                     raise IntegrityError("the index cache's records are out of order")
+                if remap is not None:
+                    values = array("I", raw)
+                    if sys.byteorder != "little":
+                        values.byteswap()
+                    try:
+                        values[8::words] = array("I", [remap[k] for k in values[8::words]])
+                    except IndexError:
+                        raise IntegrityError(
+                            "the index cache names a pack it does not hold"
+                        ) from None
+                    if sys.byteorder != "little":
+                        values.byteswap()
+                    raw = values.tobytes()
                 spills[first].write(raw)
         return self.layout.records
 
@@ -399,6 +414,33 @@ def build_cache(
     of SPILL_FILES parts of the records at a time (records are spread over spill files by the
     first byte of their ID, then each part is sorted alone).
     """
+    rest = indexes[base.layout.covered :] if base is not None else indexes
+    sources: list[DiskIndex | list[PackTable] | Callable[[], list[PackTable]]] = []
+    if base is not None:
+        sources.append(base)
+    sources.extend(_reader(read_tables, name, raw_length) for name, raw_length in rest)
+    write_cache(path, archive_id, indexes, sources)
+
+
+def _reader(read_tables: TableSource, name: str, raw_length: int) -> Callable[[], list[PackTable]]:
+    """A call that reads index object `name` when its turn comes."""
+    return lambda: read_tables(name, raw_length)
+
+
+def write_cache(
+    path: Path,
+    archive_id: str,
+    indexes: IndexList,
+    sources: Iterable[DiskIndex | list[PackTable] | Callable[[], list[PackTable]]],
+) -> None:
+    """Write the cache file covering `indexes` from `sources`, which must hold exactly the
+    entries of those index objects, in root order (the first occurrence of an ID wins).
+
+    A source is a cache file or sorted run (`DiskIndex`, its records copied in slices), a list
+    of pack tables, or a call returning them. Written atomically: a temporary file in the same
+    directory, fsynced, renamed over `path`, then the directory fsynced. Memory: the pack names
+    and one of SPILL_FILES parts of the records at a time.
+    """
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     remove_stale_temporaries(directory)
@@ -408,7 +450,7 @@ def build_cache(
     spills: list[BinaryIO] = []
     try:
         spills = [open(p, "w+b", buffering=1 << 16) for p in spill_paths]  # noqa: SIM115
-        pack_ends, total = _spill(indexes, read_tables, spills, base)
+        pack_ends, total = _spill(sources, spills)
         names = sorted(pack_ends)
         number = {name: k for k, name in enumerate(names)}
         remap = array("I", [0]) * len(pack_ends)
@@ -457,29 +499,29 @@ def spill_run(directory: Path, tables: list[PackTable]) -> DiskIndex:
 
 
 def _spill(
-    indexes: IndexList,
-    read_tables: TableSource,
+    sources: Iterable[DiskIndex | list[PackTable] | Callable[[], list[PackTable]]],
     spills: list[BinaryIO],
-    base: DiskIndex | None = None,
 ) -> tuple[dict[str, int], int]:
-    """Pass 1: every entry of every index object, in root and file order, to its spill file.
+    """Pass 1: every entry of every source, in order, to the spill file of its ID's first byte.
 
     Spilled records carry the pack's number in order of first appearance; returns the packs
-    (name -> blob end, in that order) and the number of entries spilled. With `base`, its
-    records come first (its packs are numbered first, in its own order, so they are copied
-    as they are) and only the objects after the ones it covers are read.
+    (name -> blob end, in that order) and the number of entries spilled. A first source that
+    is a cache file has its packs numbered first, in its own order, so its records are copied
+    as they are; a later cache file or run has its pack numbers rewritten.
     """
     pack_ends: dict[str, int] = {}
     seen: dict[str, int] = {}
     total = 0
-    if base is not None:
-        for name, end in base.iter_packs():
-            seen[name] = len(seen)
-            pack_ends[name] = end
-        total = base.spill_into(spills)
-        indexes = indexes[base.layout.covered :]
-    for name, raw_length in indexes:
-        for table in read_tables(name, raw_length):
+    for source in sources:
+        if isinstance(source, DiskIndex):
+            as_is = not seen
+            remap = array("I")
+            for name, end in source.iter_packs():
+                remap.append(seen.setdefault(name, len(seen)))
+                pack_ends[name] = max(pack_ends.get(name, 0), end)
+            total += source.spill_into(spills, None if as_is else remap)
+            continue
+        for table in source() if callable(source) else source:
             pack_no = seen.setdefault(table.pack, len(seen))
             records = table.records
             end = pack_ends.get(table.pack, 0)

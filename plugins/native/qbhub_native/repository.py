@@ -52,7 +52,7 @@ from .crypto import (
     wrap_key,
 )
 from .index import Index, PackTable, decode_index
-from .index_cache import CachedIndex, open_cached
+from .index_cache import CachedIndex, DiskIndex, cache_path, open_cached, write_cache
 from .limits import MAX_CHUNK_SIZE, MAX_INDEX_OBJECT, MAX_ROOT, MAX_SESSION_RECORD, MIN_CHUNK_SIZE
 from .root import (
     MAX_GENERATION,
@@ -285,6 +285,33 @@ class Repository:
             self._locator.close()
         self._index = None
         self._locator = None
+
+    def fold_into_cache(self, runs: list[DiskIndex], tables: list[PackTable]) -> bool:
+        """After a commit that appended a session's index objects: write the index cache file
+        covering the root's whole list now, from the cache file in use, the index objects read
+        since it was built, and the session's own entries (`runs` set aside on disk, then
+        `tables`, in the order of its objects in the root). Nothing is read from the archive.
+
+        Returns False (leaving the next command to bring the cache up to date) when lookups
+        don't come from a cache, or the file can't be written. The caller guarantees that the
+        session's objects were appended at the end of the root's list (no lost packs).
+        """
+        locator = self._locator
+        archive_id = self.header.archive_id
+        try:
+            if not isinstance(locator, CachedIndex) or self.cache_dir is None:
+                return False
+            write_cache(
+                cache_path(self.cache_dir, archive_id),
+                archive_id,
+                list(self.body.indexes),
+                [locator.disk, locator.extra.tables(), *runs, tables],
+            )
+        except (OSError, IntegrityError):
+            return False
+        finally:
+            self.forget_index()
+        return True
 
     @property
     def read_only(self) -> bool:

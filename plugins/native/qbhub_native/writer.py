@@ -262,10 +262,19 @@ class BlobWriter:
         When blobs were stored again (their pack was lost), this writer's locations come first,
         as its index object comes first in the root: the index is then loaded again when next
         used (the index cache is rebuilt, as its list of index objects no longer matches).
+        When entries were set aside (a large session), the index cache file is folded here from
+        the old file, the runs and the rest of this writer's entries (`fold_into_cache`), so
+        the next command finds it valid instead of reading the session's index objects again.
         """
-        if self.blobs_restored or self.runs:
+        if self.blobs_restored:
             self._close_runs()
             self.repo.forget_index()
+            return
+        if self.runs:
+            try:
+                self.repo.fold_into_cache(self.runs, self.new_index.tables())
+            finally:
+                self._close_runs()
             return
         for name, entries in self.new_packs.items():
             self.repo.locator.add_pack(name, entries)
