@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..jobs.backup import backup_vms, choose_vms
 from ..jobs.restore import RestoreRequest, restore_vms
 from ..platform.detect import default_platform
-from ..progress import human_bytes
+from ..progress import Progress, human_bytes
 from ..safety.names import check_session_id
 from ..safety.policy import RISKS
 from . import format as fmt
@@ -133,6 +133,7 @@ def restore(
         all_vms=all_vms,
         allow=frozenset(allow),
         report=lambda line: click.echo(line, err=True),
+        progress=Progress(enabled=None if not state.json_output else False),
     )
     eng = state.engine(engine, passphrase_file)
     store = state.store(dest)

@@ -27,6 +27,7 @@ import pluggy
 from ..engine import Engine, ReadGrant
 from ..errors import IntegrityError, NotFoundError, QbhubError, UsageError
 from ..platform.base import Platform, ServiceProcess, VMSettings
+from ..progress import Progress
 from ..safety import vm_rules
 from ..safety.jsonlimits import loads_bounded
 from ..safety.restore_channel import (
@@ -81,6 +82,7 @@ class RestoreRequest:
     all_vms: bool = False
     allow: frozenset[str] = frozenset()  # --allow words (see safety.policy.RISKS)
     report: Callable[[str], None] = lambda line: None  # lines shown before anything is created
+    progress: Progress | None = None  # a bar per volume imported
 
 
 class WorkerChannel:
@@ -180,6 +182,21 @@ class VolumeReader:
         n = self.left if n is None or n < 0 else min(n, self.left)
         block, self.channel.pending = self.channel.pending[:n], self.channel.pending[n:]
         self.left -= len(block)
+        return block
+
+    def readable(self) -> bool:
+        return True
+
+
+class CountingReader:
+    """A reader that reports every byte read from `inner` to a progress bar."""
+
+    def __init__(self, inner: IO[bytes], progress: Progress) -> None:
+        self.inner, self.progress = inner, progress
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.inner.read(n)
+        self.progress.advance(len(block))
         return block
 
     def readable(self) -> bool:
@@ -401,7 +418,12 @@ def _run_worker(
             for vm in header.vms:
                 for volume in vm.volumes:
                     reader = channel.read_volume_into(volume.size)
+                    if request.progress is not None:
+                        request.progress.start(f"{vm.name}:{volume.name}", volume.size)
+                        reader = cast(IO[bytes], CountingReader(reader, request.progress))
                     platform.import_volume(vm.name, volume.name, volume.size, reader)
+                    if request.progress is not None:
+                        request.progress.finish()
                     imported += volume.size
         channel.expect_end()
         if not request.data_only:
