@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import CHUNK, Qbhub
 
 from qubes_backup_hub.store.local import TMP_PREFIX
@@ -291,3 +292,263 @@ def test_prune_removes_partial_uploads_of_a_killed_backup(
     assert leftovers == [], "prune left partial uploads of a killed backup in the archive"
     assert session_ids(qbhub, archive) == [last]
     assert restored(qbhub, archive, tmp_path) == image.read_bytes()
+
+
+# -- bounded memory (livesets.py, extsort.py): in-process archives ------------------------------
+
+SMALL_CHUNK = 4096
+
+
+class ListStream:
+    """A VolumeStream over a bytes object (the tests' in-process volumes)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    def data_extents(self, start: int = 0, end: int | None = None) -> Any:
+        stop = self.size if end is None else min(end, self.size)
+        if start < stop:
+            yield start, stop - start
+
+    def read_into(self, buf: Any, offset: int) -> int:
+        n = min(len(buf), self.size - offset)
+        memoryview(buf)[:n] = self.data[offset : offset + n]
+        return n
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ListStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class InProcess:
+    """An unencrypted archive written and read by the native engine in this process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from types import SimpleNamespace
+
+        from qbhub_native.engine import NativeEngine
+
+        from qubes_backup_hub.engine import EngineContext
+        from qubes_backup_hub.passphrase import PassphraseSource
+        from qubes_backup_hub.progress import Progress
+        from qubes_backup_hub.store.local import LocalDirStore
+
+        self.volumes: dict[str, bytes] = {}
+        hook = SimpleNamespace(
+            qbhub_open_stream=lambda path: ListStream(self.volumes[path]),
+            qbhub_validate_restore=lambda header: None,
+        )
+        self.home = tmp_path / "home"
+        self.context = EngineContext(
+            hook=hook,  # type: ignore[arg-type]
+            passphrase=PassphraseSource(value=b"unused"),
+            state_dir=self.home,
+            progress=Progress(enabled=False),
+            allow_unencrypted=True,
+            options={"chunk_size": SMALL_CHUNK},
+        )
+        self.engine = NativeEngine(self.context)
+        self.store = LocalDirStore(tmp_path / "archive")
+        self.engine.init_archive(self.store, encryption=False)
+
+    def fresh_engine(self) -> Any:
+        from qbhub_native.engine import NativeEngine
+
+        return NativeEngine(self.context)
+
+    def backup(self, volumes: dict[str, bytes]) -> str:
+        from qubes_backup_hub.engine import VolumeSource
+
+        self.volumes.update(volumes)
+        sources = [VolumeSource(name=name, path=name) for name in volumes]
+        return str(self.engine.backup(self.store, sources)["session"])
+
+    def repo(self) -> Any:
+        return self.fresh_engine()._open(self.store)
+
+    def restore(self, tmp_path: Path, name: str, session: str) -> bytes:
+        target = tmp_path / f"out-{name}-{session}.img"
+        self.fresh_engine().restore_volume(
+            self.store, name, target, session=session, overwrite=True
+        )
+        return target.read_bytes()
+
+
+def random_volumes(rng: random.Random, pool: list[bytes]) -> dict[str, bytes]:
+    """A few volumes: random chunks, zero chunks, chunks reused from `pool`, clones."""
+    out: dict[str, bytes] = {}
+    for v in range(rng.randint(1, 4)):
+        chunks = []
+        for _ in range(rng.randint(0, 70)):
+            kind = rng.random()
+            if kind < 0.15:
+                chunks.append(bytes(SMALL_CHUNK))
+            elif kind < 0.45 and pool:
+                chunks.append(rng.choice(pool))
+            else:
+                chunk = rng.randbytes(SMALL_CHUNK)
+                pool.append(chunk)
+                chunks.append(chunk)
+        tail = rng.randbytes(rng.randint(0, 100)) if rng.random() < 0.3 else b""
+        out[f"vol{v}"] = b"".join(chunks) + tail
+    if rng.random() < 0.3:
+        out["clone"] = out["vol0"]
+    return out
+
+
+def test_external_live_set_agrees_with_the_in_memory_one(tmp_path: Path) -> None:
+    """On random archives (churn, clones, size changes, zero chunks, removed volumes), the
+    sorted-run live set equals the in-memory walk, for random subsets of sessions, and the split
+    of the index cache into live and dead entries by pack equals the in-memory plan's."""
+    from qbhub_native import livesets
+    from qbhub_native.extsort import RunSorter
+    from qbhub_native.prune import _whole_cache, plan
+    from qbhub_native.verify import walk_sessions
+
+    for seed in range(3):
+        rng = random.Random(seed)
+        arch = InProcess(tmp_path / f"a{seed}")
+        pool: list[bytes] = []
+        sessions = []
+        for _ in range(7):
+            volumes = random_volumes(rng, pool)
+            if sessions and rng.random() < 0.5:  # an incremental: a few chunks change
+                volumes = {k: bytearray(v) for k, v in arch.volumes.items() if k.startswith("vol")}
+                for data in volumes.values():
+                    for _ in range(rng.randint(0, 3)):
+                        if len(data) >= SMALL_CHUNK:
+                            at = rng.randrange(len(data) // SMALL_CHUNK) * SMALL_CHUNK
+                            data[at : at + SMALL_CHUNK] = rng.randbytes(SMALL_CHUNK)
+                volumes = {k: bytes(v) for k, v in volumes.items()}
+            sessions.append(arch.backup(volumes))
+        repo = arch.repo()
+        directory = arch.home / "index-cache"
+        for trial in range(4):
+            subset = set(rng.sample(sessions, rng.randint(0, len(sessions))))
+            if trial == 0:
+                subset = set(sessions)
+            expected = walk_sessions(repo, subset).all()
+            sorter = RunSorter(directory, 32, run_records=rng.choice([1, 7, 1000]))
+            livesets.LiveWalker(repo, sorter).walk(subset)
+            got = list(sorter.sorted())
+            assert got == sorted(expected), (seed, trial)
+
+            disk = _whole_cache(repo)  # the cache file, every index object folded in
+            assert disk is not None
+            try:
+                split = livesets.split_packs(disk, iter(got), directory)
+                by_pack = {split.names[k]: entries for k, entries in
+                           livesets.grouped_entries(split)}  # fmt: skip
+            finally:
+                disk.close()
+            sizes = dict(arch.store.list())
+            reference = plan(arch.repo(), expected, sizes, REPACK_BELOW)  # index in memory
+            assert by_pack == {**reference.keep, **reference.repack}, (seed, trial)
+            assert not split.missing
+        assert not list(directory.glob(".tmp-*")), "no temporary file left behind"
+
+
+@pytest.mark.slow
+def test_prune_after_a_thousand_sessions_keeps_the_newest(tmp_path: Path) -> None:
+    """1,000 nightly sessions of two small volumes, prune keeping 30: exactly the newest 30
+    stay, they restore bit-exact, the dropped ones' chunks are gone, verify finds nothing."""
+    arch = InProcess(tmp_path)
+    rng = random.Random(5)
+    disk = bytearray(rng.randbytes(8 * SMALL_CHUNK))
+    home = bytearray(rng.randbytes(3 * SMALL_CHUNK))
+    versions: list[tuple[str, bytes, bytes]] = []
+    for night in range(1000):
+        at = (night % 8) * SMALL_CHUNK
+        disk[at : at + 16] = night.to_bytes(16, "little")
+        if night % 3 == 0:
+            home[:8] = night.to_bytes(8, "little")
+        session = arch.backup({"disk": bytes(disk), "home": bytes(home)})
+        versions.append((session, bytes(disk), bytes(home)))
+    before = archive_bytes(arch.store.path)
+    result = arch.fresh_engine().prune(arch.store, sessions=[], keep_last=30)
+    assert result["sessions_left"] == 30
+    assert result["sessions_removed"] == [s for s, _, _ in versions[:970]]
+    repo = arch.repo()
+    assert [r.session_id for r in repo.body.sessions] == [s for s, _, _ in versions[970:]]
+    assert archive_bytes(arch.store.path) < before / 5
+    for session, disk_bytes, home_bytes in versions[970::7] + versions[-1:]:
+        assert arch.restore(tmp_path, "disk", session) == disk_bytes
+        assert arch.restore(tmp_path, "home", session) == home_bytes
+    checked = arch.fresh_engine().verify(arch.store, quick=False)
+    assert checked["damaged"] == [] and checked["unreferenced_objects"] == 0
+    assert checked["sessions"] == 30
+    # Only the chunks of the kept nights remain: 8 + 3 first chunks, then one disk chunk per
+    # night (the nightly change) and one home chunk every third night, within the 30 kept.
+    assert checked["chunks_referenced"] == len(
+        {v[1][k : k + SMALL_CHUNK] for v in versions[970:] for k in range(0, 8 * 4096, 4096)}
+        | {v[2][k : k + SMALL_CHUNK] for v in versions[970:] for k in range(0, 3 * 4096, 4096)}
+    )
+
+
+def test_a_crash_between_prune_steps_leaves_a_readable_archive(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Stopped before the new root (1-2), or after it while deleting (3): the archive opens,
+    lists the sessions of the root that was written, restores them, verifies clean but for
+    unreferenced objects; the next prune removes those."""
+    from qbhub_native.repository import Repository
+
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    arch = InProcess(tmp_path)
+    rng = random.Random(9)
+    data = {"disk": rng.randbytes(40 * SMALL_CHUNK)}
+    sessions = []
+    for k in range(6):
+        data = {"disk": data["disk"][: k * SMALL_CHUNK] + rng.randbytes(6 * SMALL_CHUNK)
+                + data["disk"][(k + 6) * SMALL_CHUNK :]}  # fmt: skip
+        sessions.append((arch.backup(data), data["disk"]))
+
+    class Crash(Exception):
+        pass
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise Crash
+
+    # Crash before step (2): the old root stands, with every session.
+    with monkeypatch.context() as m:
+        m.setattr(Repository, "commit", crash)
+        with pytest.raises(Crash):
+            arch.fresh_engine().prune(arch.store, sessions=[], keep_last=2)
+    assert [r.session_id for r in arch.repo().body.sessions] == [s for s, _ in sessions]
+    for session, content in sessions:
+        assert arch.restore(tmp_path, "disk", session) == content
+    checked = arch.fresh_engine().verify(arch.store, quick=False)
+    assert checked["damaged"] == [] and checked["unreferenced_objects"] > 0
+
+    # Crash during step (3), after the first deletion: the new root stands.
+    calls = []
+    real_delete = LocalDirStore.delete
+
+    def delete_once(self: LocalDirStore, name: str) -> None:
+        if calls:
+            raise Crash
+        calls.append(name)
+        real_delete(self, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalDirStore, "delete", delete_once)
+        with pytest.raises(Crash):
+            arch.fresh_engine().prune(arch.store, sessions=[], keep_last=2)
+    assert [r.session_id for r in arch.repo().body.sessions] == [s for s, _ in sessions[-2:]]
+    for session, content in sessions[-2:]:
+        assert arch.restore(tmp_path, "disk", session) == content
+    checked = arch.fresh_engine().verify(arch.store, quick=False)
+    assert checked["damaged"] == [] and checked["unreferenced_objects"] > 0
+
+    # The next prune (dropping nothing more than a session) removes what was left.
+    arch.fresh_engine().prune(arch.store, sessions=[], keep_last=1)
+    checked = arch.fresh_engine().verify(arch.store, quick=False)
+    assert checked["damaged"] == [] and checked["unreferenced_objects"] == 0
+    assert arch.restore(tmp_path, "disk", sessions[-1][0]) == sessions[-1][1]

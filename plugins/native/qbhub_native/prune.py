@@ -6,23 +6,43 @@ old index objects and any other unreferenced object. A crash before (2) leaves t
 whole plus unreferenced objects; a crash after (2) leaves only garbage the next prune removes.
 After (2) the local index cache is written from the new index objects' entries (as reading them
 back would give), so the next command need not read the whole index again.
+
+Memory: the live set (every blob the kept sessions reach) and the split of the index's entries
+into live and dead are sorted runs in temporary files beside the index cache, merged against the
+cache's records, which are sorted by ID (`livesets.py`, `extsort.py`); per pack only a few
+counters are held. So prune needs no RAM per blob. Without a local index cache (a state
+directory that can't be written) the index is held in memory instead, as it always was.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Container
 from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 
 from qubes_backup_hub.errors import NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
-from .index import Index, PackTable
-from .index_cache import build_cache, cache_path
+from .index import Index, PackTable, decode_index, encode_index, pad_index
+from .index_cache import (
+    TMP_MARK,
+    CachedIndex,
+    DiskIndex,
+    build_cache,
+    cache_path,
+    covers_digest,
+)
 from .limits import MAX_PACK
+from .livesets import grouped_entries, live_ids
+from .livesets import split_packs as split_by_pack
 from .pack import ENTRY, PackEntry
 from .repository import Repository
+from .root import SessionRef
 from .verify import walk_sessions
-from .writer import BlobWriter, split_packs, store_index
+from .writer import MAX_INDEX_ENTRIES, BlobWriter, split_packs, store_index
 
 DEFAULT_REPACK_BELOW = 0.75  # repack a pack when under this fraction of its bytes is still live
 
@@ -79,8 +99,211 @@ def prune_archive(
     *,
     threshold: float = DEFAULT_REPACK_BELOW,
 ) -> dict[str, object]:
-    """Drop the sessions `drop` and reclaim space. The caller holds the store lock."""
-    remaining = [ref for ref in repo.body.sessions if ref.session_id not in set(drop)]
+    """Drop the sessions `drop` and reclaim space. The caller holds the store lock.
+
+    With the local index cache (the usual case) memory does not grow with the archive
+    (`livesets.py`); without one (no writable state directory) the index is held in memory.
+    """
+    dropped = set(drop)
+    remaining = [ref for ref in repo.body.sessions if ref.session_id not in dropped]
+    disk = _whole_cache(repo)
+    if disk is None:
+        return _prune_in_memory(repo, drop, remaining, progress, threshold)
+    assert repo.cache_dir is not None
+    try:
+        return _prune_on_disk(repo, disk, drop, remaining, progress, threshold, repo.cache_dir)
+    finally:
+        disk.close()
+
+
+def _whole_cache(repo: Repository) -> DiskIndex | None:
+    """The index cache file covering every index object the root lists, or None if there can't
+    be one here. Index objects the file does not cover yet are folded into it first."""
+    if repo.cache_dir is None:
+        return None
+    try:
+        locator = repo.locator
+        if not isinstance(locator, CachedIndex):
+            return None
+        path = cache_path(repo.cache_dir, repo.header.archive_id)
+        if len(locator.extra) or locator.disk.layout.covered != len(repo.body.indexes):
+            build_cache(path, repo.header.archive_id, list(repo.body.indexes),
+                        repo.index_object_tables, base=locator.disk)  # fmt: skip
+            repo.forget_index()
+        disk = DiskIndex(path)
+        if disk.layout.digest != covers_digest(repo.header.archive_id, list(repo.body.indexes)):
+            disk.close()
+            return None
+        return disk
+    except OSError:
+        repo.forget_index()
+        return None
+
+
+class LocalTables:
+    """The plaintext of the index objects this prune writes, kept in a local unlinked file, so
+    that the index cache is written from them without reading them back from storage."""
+
+    def __init__(self, directory: Path) -> None:
+        path = directory / f"{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}-tables"
+        self.file = open(path, "w+b")  # noqa: SIM115 - closed by close()
+        path.unlink()
+        self.where: dict[str, tuple[int, int]] = {}
+
+    def put(self, name: str, plain: bytes) -> None:
+        at = self.file.seek(0, os.SEEK_END)
+        self.file.write(plain)
+        self.where[name] = (at, len(plain))
+
+    def get(self, repo: Repository, name: str, raw_length: int) -> list[PackTable]:
+        found = self.where.get(name)
+        if found is None:  # written by the repacking writer itself: read it back
+            return repo.index_object_tables(name, raw_length)
+        self.file.flush()
+        data = os.pread(self.file.fileno(), found[1], found[0])
+        return decode_index(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _prune_on_disk(
+    repo: Repository,
+    disk: DiskIndex,
+    drop: list[str],
+    remaining: list[SessionRef],
+    progress: Progress,
+    threshold: float,
+    directory: Path,
+) -> dict[str, object]:
+    """Prune with sorted runs on local disk: RAM does not grow with the archive's blobs."""
+    keep_ids = {ref.session_id for ref in remaining}
+    with live_ids(repo, directory, keep_ids) as live:
+        split = split_by_pack(disk, live.sorted(), directory)
+    sizes = dict(repo.store.list())
+    bytes_before = sum(sizes.values())
+    delete = repack = 0
+    verdict = bytearray(len(split.names))  # 0 keep, 1 repack, 2 delete
+    for k, name in enumerate(split.names):
+        if not split.entries[k]:
+            continue  # every blob found first elsewhere: unreferenced, removed below
+        size = sizes.get(name, 0)
+        if not split.live_entries[k]:
+            verdict[k], delete = 2, delete + 1
+        elif size and split.live_bytes[k] < threshold * size:
+            verdict[k], repack = 1, repack + 1
+    writer = BlobWriter(repo, known_index=Index(), spill_dir=directory)
+    tables = LocalTables(directory)
+    progress.start("repack", sum(sizes.get(n, 0) for k, n in enumerate(split.names)
+                                 if verdict[k] == 1))  # fmt: skip
+    committed = False
+    try:
+        indexes: list[tuple[str, int]] = []
+        part: dict[str, list[PackEntry]] = {}
+        count = 0
+
+        def store_part() -> None:
+            written = store_index(repo, part)
+            if written is not None:
+                indexes.append((written[0], written[1]))
+                tables.put(written[0], pad_index(encode_index(part), repo.sealer.overhead))
+
+        with split.live:
+            for k, entries in grouped_entries(split):
+                name = split.names[k]
+                if verdict[k] == 1:
+                    data = memoryview(repo.store.get(name, MAX_PACK))
+                    for e in entries:
+                        sealed = bytes(data[e.offset : e.offset + e.length])
+                        repo.codec.decode(e.type_code, e.blob_id, sealed, e.raw_length)
+                        writer.add_sealed(e.type_code, e.blob_id, sealed, e.raw_length)
+                    progress.advance(sizes.get(name, 0))
+                    continue
+                if part and count + len(entries) > MAX_INDEX_ENTRIES:
+                    store_part()
+                    part, count = {}, 0
+                part[name] = entries
+                count += len(entries)
+        if part:
+            store_part()
+        writer.close()
+        indexes.extend(writer.write_index())
+        old_indexes = [n for n, _ in repo.body.indexes]
+        repo.body.sessions = remaining
+        repo.body.indexes = indexes
+        repo.commit()
+        committed = True
+    finally:
+        writer.abandon()  # after close(): only releases the runs the writer set aside
+        if not committed:
+            tables.close()
+        progress.finish()
+    repo.forget_index()
+    new_cache: DiskIndex | None = None
+    try:  # the local index cache, for the new index objects
+        path = cache_path(directory, repo.header.archive_id)
+        build_cache(path, repo.header.archive_id, list(repo.body.indexes),
+                    lambda name, raw_length: tables.get(repo, name, raw_length))  # fmt: skip
+        new_cache = DiskIndex(path)
+    except (OSError, QbhubError):
+        new_cache = None
+    finally:
+        tables.close()
+    try:
+        referenced = _referenced(repo, new_cache)
+        deleted = repo.store.remove_partial_uploads()
+        for name, _size in list(repo.store.list()):
+            if name not in referenced:
+                repo.store.delete(name)
+                deleted += 1
+    finally:
+        if new_cache is not None:
+            new_cache.close()
+    bytes_after = sum(size for _, size in repo.store.list())
+    return {
+        "sessions_removed": drop,
+        "sessions_left": len(remaining),
+        "packs_repacked": repack,
+        "packs_deleted": delete,
+        "objects_deleted": deleted,
+        "old_index_objects": len(old_indexes),
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+    }
+
+
+class Referenced(Container[str]):
+    """The objects the new root references: its index objects, and the packs they list
+    (from the new cache file when there is one, else from the index objects, by pack name)."""
+
+    def __init__(self, indexes: set[str], cache: DiskIndex | None, packs: set[str]) -> None:
+        self.indexes, self.cache, self.packs = indexes, cache, packs
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self.indexes or name in self.packs:
+            return True
+        return self.cache is not None and self.cache.has_pack(name)
+
+
+def _referenced(repo: Repository, cache: DiskIndex | None) -> Referenced:
+    indexes = {n for n, _ in repo.body.indexes}
+    packs: set[str] = set()
+    if cache is None:  # read the new index objects once more, keeping only pack names
+        for name, raw_length in repo.body.indexes:
+            packs.update(t.pack for t in repo.index_object_tables(name, raw_length))
+    return Referenced(indexes, cache, packs)
+
+
+def _prune_in_memory(
+    repo: Repository,
+    drop: list[str],
+    remaining: list[SessionRef],
+    progress: Progress,
+    threshold: float,
+) -> dict[str, object]:
+    """Prune with the whole index in memory (no local index cache can be written here)."""
     live = walk_sessions(repo, {ref.session_id for ref in remaining}).all()
     sizes = dict(repo.store.list())
     bytes_before = sum(sizes.values())
