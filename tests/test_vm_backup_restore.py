@@ -10,6 +10,7 @@ and compares settings and the SHA-256 of every volume file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -355,6 +356,10 @@ def test_backup_through_a_backup_vm(world: World, tmp_path: Path) -> None:
     assert hashes["work-q:private"] == world.hashes[1]["work:private"]
     assert hashes["standalone-q:root"] == world.hashes[1]["standalone:root"]
     assert vm_docs(q)["work-q"]["tags"] == world.settings["work"]["tags"]
+    # --all leaves out the VM that serves the archive, and says so; named, it is backed up.
+    everything = q.run("backup", "--all", "--dest", url, "--json")
+    assert "backupvm" not in json.loads(everything.stdout)["vms"]
+    assert "leaving out backupvm: it stores this archive" in everything.stderr
     # The VM that serves the archive can't be replaced by a restore reading from it.
     q.run("backup", "backupvm", "--dest", url)
     refused = q.run("restore", "backupvm", "--replace", "--dest", url, check=False)

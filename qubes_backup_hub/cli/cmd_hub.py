@@ -14,6 +14,7 @@ from ..platform.detect import default_platform
 from ..progress import Progress, human_bytes
 from ..safety.names import check_session_id
 from ..safety.policy import RISKS
+from ..store.qrexec import QrexecStore
 from . import format as fmt
 from .context import archive_options, cli_state
 
@@ -39,10 +40,14 @@ def backup(
     """
     state = cli_state(json_output)
     platform = default_platform()
-    names = choose_vms(platform, list(vms), all_vms, list(exclude))
-    eng = state.engine(engine, passphrase_file)
     store = state.store(dest)
+    serving = store.vm if isinstance(store, QrexecStore) else None
     try:
+        names = choose_vms(platform, list(vms), all_vms, list(exclude), serving=serving)
+        if all_vms and serving and serving not in names and serving not in exclude:
+            click.echo(f"qbhub: leaving out {serving}: it stores this archive (name it to back "
+                       "it up anyway)", err=True)  # fmt: skip
+        eng = state.engine(engine, passphrase_file)
         result = backup_vms(
             platform,
             eng,

@@ -26,10 +26,15 @@ SKIPPED_CLASSES = ("AdminVM", "DispVM")
 
 
 def choose_vms(
-    platform: Platform, names: list[str], all_vms: bool, exclude: list[str]
+    platform: Platform,
+    names: list[str],
+    all_vms: bool,
+    exclude: list[str],
+    serving: str | None = None,
 ) -> list[str]:
-    """The VMs to back up: those named, or with --all every VM but dom0, DispVMs and those whose
-    include_in_backups is off (what `qvm-backup` selects by default)."""
+    """The VMs to back up: those named, or with --all every VM but dom0, DispVMs, those whose
+    include_in_backups is off (what `qvm-backup` selects by default) and `serving`, the backup
+    VM that stores the archive (a backup of it, into itself, while it writes, is no backup)."""
     vms = {vm.name: vm for vm in platform.list_vms()}
     if names and all_vms:
         raise UsageError("name VMs or give --all, not both")
@@ -44,7 +49,9 @@ def choose_vms(
         chosen = sorted(
             n
             for n, vm in vms.items()
-            if vm.klass not in SKIPPED_CLASSES and _included_in_backups(platform, n)
+            if vm.klass not in SKIPPED_CLASSES
+            and n != serving
+            and _included_in_backups(platform, n)
         )
     else:
         raise UsageError("name the VMs to back up, or give --all")
