@@ -5,6 +5,8 @@ script can act on, and one clear line that names what the user typed (never an i
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,32 @@ def test_json_errors_are_json(qbhub: Qbhub, tmp_path: Path, args: list[str], cod
     assert document["code"] == code
     assert document["error"] and "qbhub:" not in document["error"]
     assert document["error"] in one_line(result.stderr)
+
+
+def test_volume_restore_to_stdout(qbhub: Qbhub, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", blocks=12, holes=True)
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk")
+    command = [sys.executable, "-m", "qubes_backup_hub", "volume", "restore", "--dest",
+               str(archive), "disk", "--to", "-"]  # fmt: skip
+    done = subprocess.run(command, env=qbhub.env, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == image.read_bytes()
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+    assert b"Streamed disk" in done.stderr
+
+    # A reader that stops early: one line, non-zero, no traceback.
+    reader = subprocess.Popen(["head", "-c", "10"], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL)  # fmt: skip
+    cut = subprocess.run(command, env=qbhub.env, stdout=reader.stdin, stderr=subprocess.PIPE,
+                         timeout=300)  # fmt: skip
+    assert reader.stdin is not None
+    reader.stdin.close()
+    reader.wait()
+    assert cut.returncode == 1
+    assert "then failed (its reader stopped)" in one_line(cut.stderr.decode())
+
+    both = qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", "-", "--json",
+                     check=False)  # fmt: skip
+    assert both.returncode == 2 and "choose one" in both.stderr

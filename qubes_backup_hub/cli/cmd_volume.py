@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from pathlib import Path
 
 import click
 
 from ..engine import VolumeSource, engine_prepared
+from ..errors import QbhubError, UsageError
+from ..progress import human_bytes
 from ..safety.names import check_session_id, check_volume_name
 from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
 from . import format as fmt
@@ -98,7 +102,8 @@ def backup(
     "target",
     required=True,
     type=click.Path(path_type=Path),
-    help="Where to write the volume: a new file, or a block device.",
+    help="Where to write the volume: a new file, a block device, or - for standard output "
+    "(streamed as it authenticates: check the exit status; see below).",
 )
 @click.option("--session", help="Restore from this session (default: the newest holding NAME).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing regular file at --to.")
@@ -112,11 +117,43 @@ def restore(
     session: str | None,
     overwrite: bool,
 ) -> None:
-    """Restore volume NAME to --to (a sparse file, written only if every chunk authenticates)."""
+    """Restore volume NAME to --to (a sparse file, written only if every chunk authenticates).
+
+    With `--to -` the volume goes to standard output, in order, holes as zeros, each part as it
+    authenticates: a later part that fails stops the stream and qbhub exits non-zero, so a
+    pipeline must check qbhub's exit status before it trusts what it received.
+    """
     state = cli_state(json_output)
     check_volume_name(name)
     if session:
         check_session_id(session)
+    if str(target) == "-":
+        if json_output:
+            raise UsageError("--json and --to - both want standard output: choose one")
+        if overwrite:
+            raise UsageError("--overwrite means nothing with --to -")
+        eng = state.engine(engine, passphrase_file)
+        out = sys.stdout.buffer
+        sent = 0
+
+        def write(block: bytes) -> None:
+            nonlocal sent
+            out.write(block)
+            sent += len(block)
+
+        try:
+            # (no --session: the engine streams the newest session holding NAME)
+            size = eng.stream_volume(state.store(dest), session or "", name, write)
+            out.flush()
+        except OSError as exc:
+            # Nothing more can reach standard output (not even Python's flush at exit).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            why = "its reader stopped" if isinstance(exc, BrokenPipeError) else exc.strerror
+            raise QbhubError(
+                f"standard output took {human_bytes(sent)} of {name}, then failed ({why})"
+            ) from None
+        click.echo(f"Streamed {name} ({human_bytes(size)}) to standard output", err=True)
+        return
     eng = state.engine(engine, passphrase_file)
     result = eng.restore_volume(
         state.store(dest), name, target, session=session, overwrite=overwrite
