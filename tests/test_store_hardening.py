@@ -641,9 +641,13 @@ def test_local_lock_fails_at_once_by_default_and_waits_when_asked(tmp_path: Path
         assert time.monotonic() - started >= 0.6
     release_later(first, tmp_path / "a", 0.5)
     second.lock_wait = 5.0  # as the CLI's --lock-wait sets it
+    told: list[str] = []
+    second.on_lock_wait = told.append  # the CLI prints it: a waiting command says why
     started = time.monotonic()
     with second.lock():
         assert 0.3 < time.monotonic() - started < 4
+    assert told == [f"the archive {second.path} is locked by another qbhub command; "
+                    "waiting up to 5 s (--lock-wait)"]  # fmt: skip
 
 
 def release_later(store: Any, _path: Path, after: float) -> None:
@@ -665,7 +669,10 @@ def test_qrexec_lock_waits_when_asked(agents: FakePlatform) -> None:
         with pytest.raises(StoreError, match=r"locked by another qbhub command \(waited 0.6 s\)"):
             second.lock(wait=0.6).__enter__()
         assert time.monotonic() - started >= 0.6
-    release_later(first, agents.base, 0.5)
+    release_later(first, agents.base, 1.5)
+    told: list[str] = []
+    second.on_lock_wait = told.append
     started = time.monotonic()
     with second.lock(wait=5.0):
-        assert 0.3 < time.monotonic() - started < 4
+        assert 1.3 < time.monotonic() - started < 4.5
+    assert len(told) == 1 and "waiting up to 5 s (--lock-wait)" in told[0]

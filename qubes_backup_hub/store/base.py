@@ -16,6 +16,11 @@ from dataclasses import dataclass
 Bytes = bytes | bytearray | memoryview
 
 
+def waiting_message(where: str, wait: float) -> str:
+    """What a command says when it starts waiting for another one's lock."""
+    return f"{where} is locked by another qbhub command; waiting up to {wait:g} s (--lock-wait)"
+
+
 class Store(ABC):
     """One archive location."""
 
@@ -23,6 +28,9 @@ class Store(ABC):
     # Seconds `lock()` keeps retrying a lock another command holds, when called without `wait`.
     # The CLI sets it from --lock-wait; 0.0 (the default) fails at once, as stores always did.
     lock_wait: float = 0.0
+    # Told once, with a sentence, when lock() finds the lock held and starts waiting for it
+    # (the CLI prints it, so a waiting command does not look hung).
+    on_lock_wait: Callable[[str], None] | None = None
 
     @abstractmethod
     def exists(self) -> bool:

@@ -37,7 +37,7 @@ from ..directio import ALIGN, write_direct
 from ..errors import StoreError
 from ..hookspecs import hookimpl
 from ..safety.names import OBJECT_NAME, check_object_name
-from .base import Bytes, Store, StoreType
+from .base import Bytes, Store, StoreType, waiting_message
 
 TMP_PREFIX = ".tmp-"
 DIRECT_MIN = 256 * 1024  # objects at least this large (packs) are written with O_DIRECT
@@ -87,8 +87,9 @@ def open_regular_at(parent: int, name: str, shown: str, flags: int = os.O_RDONLY
     return fd
 
 
-def flock_waiting(fd: int, wait: float) -> bool:
-    """Take an exclusive flock on `fd`, retrying for up to `wait` seconds; False if still held."""
+def flock_waiting(fd: int, wait: float, on_wait: Callable[[], None] | None = None) -> bool:
+    """Take an exclusive flock on `fd`, retrying for up to `wait` seconds; False if still held.
+    `on_wait` is called once, when the lock is found held and there is time to wait."""
     deadline = time.monotonic() + max(0.0, wait)
     delay = 0.02
     while True:
@@ -101,6 +102,9 @@ def flock_waiting(fd: int, wait: float) -> bool:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
+        if on_wait is not None:
+            on_wait()
+            on_wait = None
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, LOCK_POLL_MAX)
 
@@ -395,6 +399,12 @@ class LocalDirStore(Store):
             raise self._io("cannot remove partial uploads", exc) from exc
         return removed
 
+    def _waiting_notice(self, wait: float) -> Callable[[], None] | None:
+        tell = self.on_lock_wait
+        if tell is None:
+            return None
+        return lambda: tell(waiting_message(f"the archive {self.path}", wait))
+
     @contextmanager
     def lock(self, *, wait: float | None = None) -> Iterator[None]:
         """Take the flock on DIR/lock, retrying for `wait` (default `lock_wait`) seconds."""
@@ -406,7 +416,7 @@ class LocalDirStore(Store):
             raise self._io("cannot open the lock file", exc) from exc
         try:
             try:
-                taken = flock_waiting(fd, wait)
+                taken = flock_waiting(fd, wait, self._waiting_notice(wait))
             except OSError as exc:
                 raise self._io("cannot lock the archive", exc) from exc
             if not taken:

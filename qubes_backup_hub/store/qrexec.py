@@ -41,7 +41,7 @@ from ..hookspecs import hookimpl
 from ..platform.base import Platform, ServiceProcess
 from ..safety.names import check_object_name
 from ..safety.text import shown
-from .base import Bytes, Store, StoreType
+from .base import Bytes, Store, StoreType, waiting_message
 
 HEADER = struct.Struct(">BI")
 OP = {
@@ -316,7 +316,19 @@ class QrexecStore(Store):
         """
         wait = min(max(self.lock_wait if wait is None else wait, 0.0), MAX_LOCK_WAIT)
         payload = str(round(wait * 1000)).encode() if wait > 0 else b""
-        self._call("lock", payload, extra=wait)
+        # The agent waits on its side: if its answer takes more than a second, say why.
+        tell = self.on_lock_wait
+        notice = None
+        if tell is not None and wait > 1:
+            text = waiting_message(f"the archive {self.url}", wait)
+            notice = threading.Timer(1.0, tell, args=(text,))
+            notice.daemon = True
+            notice.start()
+        try:
+            self._call("lock", payload, extra=wait)
+        finally:
+            if notice is not None:
+                notice.cancel()
         try:
             yield
         finally:
