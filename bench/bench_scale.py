@@ -16,13 +16,23 @@ Measured at each size (the archive grows by adding bulk volumes, so every size r
   before the first size), the plain provider: the whole volume is read and every chunk is looked
   up in the index;
 - ``list``, ``restore`` (of that small volume), ``diff`` (of it against its file);
+- ``vmrestore``: ``qbhub restore`` of a small VM (4 MiB of random data, backed up once before the
+  first size) on the LocalPlatform: dom0 authenticates and relays, the restore worker parses the
+  archive in its bubblewrap sandbox, reading dom0's index cache read-only (peak RSS is the
+  whole process tree: dom0's qbhub, bwrap and the worker);
 - ``build``: the bulk backup that grew the archive (a full backup of new data);
-- ``first``: the first command after it (``list``), which brings the local index cache up to date.
+- ``first``: the first command after it (``list``): since a bulk backup folds its own entries
+  into the local index cache at its commit, this is a plain ``list``.
+The steps are also measured once on the archive before any bulk data (``0`` chunks: the
+empty-archive reference for start-up). ``--attach`` measures the steps (not ``build``) on the
+archive an earlier run kept in ``--workdir`` (adding the small VM if it lacks it), e.g. after a
+large run was stopped.
 Each step reports wall time and peak RSS (``os.wait4`` of the child, and the PSS of its process
 tree, see measure.py); then a least-squares line per step and metric is extrapolated to 64M
 chunks (4 TiB of 64 KiB chunks). ``--drop-caches`` drops the page cache before each step (root).
 
 Usage: bench/bench_scale.py [--sizes 1M,4M] [--quick] [--workdir DIR] [--json FILE]
+       bench/bench_scale.py --attach --workdir DIR --sizes 4M
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +62,8 @@ QUICK_SIZES = [16_384, 65_536]
 DEFAULT_SIZES = [1 << 20]
 LARGE_SIZES = [1 << 20, 4 << 20, 16 << 20]
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("build", "first", "backup", "list", "restore", "diff")
+STEPS = ("build", "first", "backup", "list", "restore", "diff", "vmrestore")
+SMALL_VM = "smallvm"
 
 
 class GeneratedStream:
@@ -136,6 +148,7 @@ class Bench:
         }
         self.chunks = 0
         self.tag = 0
+        self.vm_session = ""
 
     def step(self, name: str, argv: list[str]) -> StepResult:
         self.dropper.drop()
@@ -154,6 +167,30 @@ class Bench:
             "first",
             [*q, "volume", "backup", "--dest", str(self.archive), f"{self.small}=small", "--json"],
         )
+        self.add_small_vm()
+
+    def add_small_vm(self) -> None:
+        """A small VM on the LocalPlatform, its private volume random, backed up once."""
+        q = qbhub_argv()
+        record = self.workdir / "vm-session"
+        if record.exists():
+            self.vm_session = record.read_text().strip()
+            return
+        self.step("setup", [*q, "local", "vm-create", SMALL_VM, "--class", "StandaloneVM",
+                            "--label", "red", "--size", "4M"])  # fmt: skip
+        listed = subprocess.run(
+            [*q, "local", "list", "--json"], env=self.env, capture_output=True, check=True
+        )
+        for vm in json.loads(listed.stdout)["vms"]:
+            for volume in vm["volumes"] if vm["name"] == SMALL_VM else []:
+                with open(volume["path"], "r+b") as f:
+                    f.write(os.urandom(SMALL_BYTES if volume["name"] == "private" else 4096))
+        log = self.workdir / "vm-backup.json"
+        with open(log, "wb") as out:
+            subprocess.run([*q, "backup", SMALL_VM, "--dest", str(self.archive), "--json"],
+                           env=self.env, stdout=out, check=True)  # fmt: skip
+        self.vm_session = json.loads(log.read_text())["session"]
+        record.write_text(self.vm_session + "\n")
 
     def grow_to(self, chunks: int) -> StepResult:
         self.tag += 1
@@ -185,7 +222,18 @@ class Bench:
                 "restore", [*q, "volume", "restore", *dest, "small", "--to", str(self.out)]
             ),
             "diff": self.step("diff", [*q, "diff", *dest, "small", str(self.small)]),
+            "vmrestore": self.vm_restore(),
         }
+
+    def vm_restore(self) -> StepResult:
+        """`qbhub restore` of the small VM as a new VM through the worker; the copy removed."""
+        q, copy = qbhub_argv(), f"{SMALL_VM}-copy"
+        argv = [*q, "restore", SMALL_VM, "--rename", f"{SMALL_VM}:{copy}", "--session",
+                self.vm_session, "--dest", str(self.archive), "--json"]  # fmt: skip
+        result = self.step("vmrestore", argv)
+        subprocess.run([*q, "local", "vm-remove", copy], env=self.env, check=True,
+                       capture_output=True)  # fmt: skip
+        return result
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
@@ -206,11 +254,18 @@ def mib(n: float) -> float:
 
 def report(rows: list[dict[str, Any]], cache_bytes: dict[int, int]) -> list[str]:
     """The table of measured numbers and the extrapolation to TARGET chunks."""
-    lines = [f"{'chunks':>10} {'step':<8} {'wall s':>8} {'peak MiB':>9}"]
+    lines = [f"{'chunks':>10} {'step':<9} {'wall s':>8} {'peak MiB':>9}"]
     for row in rows:
         lines.append(
-            f"{row['chunks']:>10} {row['step']:<8} {row['wall']:>8.2f} {mib(row['peak_rss']):>9.1f}"
+            f"{row['chunks']:>10} {row['step']:<9} {row['wall']:>8.2f} {mib(row['peak_rss']):>9.1f}"
         )
+    empty = {r["step"]: r["wall"] for r in rows if r["chunks"] == 0}
+    largest = max((r["chunks"] for r in rows), default=0)
+    if empty and largest:
+        lines.append(f"start-up at {largest} chunks over the empty archive (wall):")
+        for row in rows:
+            if row["chunks"] == largest and row["step"] in empty:
+                lines.append(f"  {row['step']:<9} {row['wall'] - empty[row['step']]:+8.2f} s")
     for chunks, size in sorted(cache_bytes.items()):
         lines.append(
             f"{chunks:>10} local state {mib(size):.1f} MiB "
@@ -234,26 +289,40 @@ def report(rows: list[dict[str, Any]], cache_bytes: dict[int, int]) -> list[str]
     return lines
 
 
-def run(sizes: list[int], workdir: Path, drop: bool) -> dict[str, Any]:
+def rows_of(size: int, steps: dict[str, StepResult]) -> list[dict[str, Any]]:
+    rows = []
+    for name, result in steps.items():
+        row = {"chunks": size, "step": name, "wall": result.wall,
+               "peak_rss": result.peak_rss, "maxrss": result.maxrss}  # fmt: skip
+        rows.append(row)
+        print(f"{size:>10} {name:<9} {result.wall:>8.2f} {mib(result.peak_rss):>9.1f}", flush=True)
+    return rows
+
+
+def local_state_bytes(home: Path) -> int:
+    """dom0's local state (rollback memory, index cache), the LocalPlatform's VMs left out."""
+    files = (p for p in home.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files if p.relative_to(home).parts[0] != "local")
+
+
+def run(sizes: list[int], workdir: Path, drop: bool, attach: bool = False) -> dict[str, Any]:
     bench = Bench(workdir, drop)
-    bench.setup()
     rows: list[dict[str, Any]] = []
     cache_bytes: dict[int, int] = {}
+    if attach:  # an archive an earlier run kept: measure it as it is
+        bench.add_small_vm()
+        bench.chunks = max(sizes)
+        rows += rows_of(bench.chunks, bench.measure())
+        cache_bytes[bench.chunks] = local_state_bytes(bench.home)
+        sizes = []
+    else:
+        bench.setup()
+        rows += rows_of(0, bench.measure())  # the empty-archive reference
     for size in sorted(sizes):
         started = time.perf_counter()
         built = bench.grow_to(size)
-        steps = {"build": built, **bench.measure()}
-        for name, result in steps.items():
-            rows.append(
-                {
-                    "chunks": size,
-                    "step": name,
-                    "wall": result.wall,
-                    "peak_rss": result.peak_rss,
-                    "maxrss": result.maxrss,
-                }
-            )
-        cache_bytes[size] = sum(p.stat().st_size for p in bench.home.rglob("*") if p.is_file())
+        rows += rows_of(size, {"build": built, **bench.measure()})
+        cache_bytes[size] = local_state_bytes(bench.home)
         print(f"# {size} chunks measured in {time.perf_counter() - started:.0f} s", flush=True)
     lines = report(rows, cache_bytes)
     print("\n".join(lines), flush=True)
@@ -279,14 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the archive here (default: a temp dir)")
     parser.add_argument("--drop-caches", action="store_true", help="drop the page cache per step")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON here")
+    parser.add_argument(
+        "--attach", action="store_true", help="measure the archive kept in --workdir (--sizes)"
+    )
     opts = parser.parse_args(args)
+    if opts.attach and not (opts.workdir and opts.sizes):
+        parser.error("--attach needs --workdir and --sizes")
     if opts.sizes:
         sizes = [parse_size(s) for s in opts.sizes.split(",")]
     else:
         sizes = QUICK_SIZES if opts.quick else LARGE_SIZES if opts.large else DEFAULT_SIZES
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="qbhub-bench-scale-"))
     try:
-        result = run(sizes, workdir, opts.drop_caches)
+        result = run(sizes, workdir, opts.drop_caches, opts.attach)
     finally:
         if opts.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

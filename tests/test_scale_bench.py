@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "bench_scale.py"
-ROW = re.compile(r"^\s*(\d+) (build|first|backup|list|restore|diff)\s+([0-9.]+)\s+([0-9.]+)$")
+ROW = re.compile(
+    r"^\s*(\d+) (build|first|backup|list|restore|diff|vmrestore)\s+([0-9.]+)\s+([0-9.]+)$"
+)
 
 
 @pytest.mark.slow
@@ -24,11 +26,13 @@ def test_bench_scale_tiny_run(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [ROW.match(line) for line in run.stdout.splitlines()]
     found = [(int(m[1]), m[2], float(m[3]), float(m[4])) for m in rows if m]
-    steps = ("build", "first", "backup", "list", "restore", "diff")
-    assert {(n, s) for n, s, _, _ in found} == {(n, s) for n in (2048, 4096) for s in steps}
+    steps = ("build", "first", "backup", "list", "restore", "diff", "vmrestore")
+    expected = {(n, s) for n in (2048, 4096) for s in steps} | {(0, s) for s in steps[1:]}
+    assert {(n, s) for n, s, _, _ in found} == expected
     for _, _, wall, peak_mib in found:
         assert 0 < wall < 300 and 10 < peak_mib < 4096
     assert "extrapolated to 67108864 chunks" in run.stdout
     assert re.search(r"restore\s+wall\s+-?[0-9.]+ s\s+peak\s+-?[0-9.]+ MiB", run.stdout)
     assert (tmp_path / "out.json").stat().st_size > 0
     assert (tmp_path / "w" / "home" / "index-cache").is_dir(), "the commands built the cache"
+    assert re.search(r"vmrestore\s+[+-][0-9.]+ s$", run.stdout, re.M), "start-up over empty"
