@@ -397,6 +397,12 @@ def test_demo_is_bit_exact(qbhub: Qbhub, tmp_path: Path) -> None:
     assert report["checks"] and all(c["bit_exact"] for c in report["checks"]), report["checks"]
     assert {"restore-renamed", "restore-all"} <= {c["kind"] for c in report["checks"]}
     assert not qbhub.home.exists()  # the user's own QBHUB_HOME is never touched
+    assert report["workdir"] == str(workdir) and report["workdir_bytes"] > 8 * MIB
+    text = qbhub.run("demo", "--size-mib", "4", "--workdir", workdir, timeout=120)
+    assert "qbhub demo: full backup --all ..." in text.stderr  # each step said as it starts
+    assert "`qbhub demo --clean` removes it" in text.stdout
+    cleaned = qbhub.run("demo", "--clean", "--workdir", workdir)
+    assert not workdir.exists() and f"removed {workdir}" in cleaned.stdout
 
 
 class ImportFailsAfter(LocalPlatform):

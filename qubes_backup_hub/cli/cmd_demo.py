@@ -14,6 +14,8 @@ times and fails (exit 1) if anything differs. It uses the functions `qbhub backu
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import os
 import random
@@ -165,18 +167,30 @@ def opened(store: Store) -> Iterator[Store]:
 
 
 class Steps:
-    """The demo's timed steps, for the report."""
+    """The demo's timed steps, for the report; each is announced as it starts (`say`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None] = lambda line: None) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.say = say
 
     def run(self, step: str, func: Callable[[], T], detail: Callable[[T], str]) -> T:
         """Run `func`, record how long it took and a one-line `detail` of its result."""
+        self.say(f"qbhub demo: {step} ...")
         start = time.monotonic()
         result = func()
         seconds = round(time.monotonic() - start, 2)
         self.rows.append({"step": step, "seconds": seconds, "detail": detail(result)})
         return result
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes `path` really occupies on disk (sparse files count what they hold)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
 
 
 def backup_detail(result: dict[str, Any]) -> str:
@@ -196,13 +210,13 @@ def restore_detail(result: dict[str, Any]) -> str:
     )
 
 
-def demo_engine(registry: Registry, state_dir: Path) -> Engine:
+def demo_engine(registry: Registry, state_dir: Path, progress: Progress | None = None) -> Engine:
     """The native engine with the demo passphrase and its own local state (not the user's)."""
     context = EngineContext(
         hook=registry.pm.hook,
         passphrase=PassphraseSource(env_var=None, value=DEMO_PASSPHRASE),
         state_dir=state_dir,
-        progress=Progress(enabled=False),
+        progress=progress or Progress(enabled=False),
     )
     return registry.engine("native").create(context)
 
@@ -222,19 +236,39 @@ def demo_engine(registry: Registry, state_dir: Path) -> Engine:
     help="Size of the work VM's dense private volume (the template's root is twice that).",
 )
 @click.option("--json", "json_output", is_flag=True, help="Print machine-readable JSON.")
-def demo(workdir: Path | None, size_mib: int, json_output: bool) -> None:
-    """Back up sample VMs, change them, back up again, restore, and check it all bit-exact."""
+@click.option("--clean", is_flag=True, help="Remove the scratch directory of an earlier demo.")
+def demo(workdir: Path | None, size_mib: int, json_output: bool, clean: bool) -> None:
+    """Back up sample VMs, change them, back up again, restore, and check it all bit-exact.
+
+    Everything happens in a scratch directory (--workdir, default $QBHUB_HOME/demo: about
+    three times --size-mib MiB per platform, plus the archive), never on your own VMs; the
+    next demo empties it, and `qbhub demo --clean` removes it.
+    """
     state = cli_state(json_output)
     workdir = (workdir or default_home() / "demo").absolute()
+    if clean:
+        freed = disk_usage(workdir) if workdir.exists() else 0
+        if workdir.exists():
+            shutil.rmtree(workdir)
+        click.echo(f"removed {workdir} ({human_bytes(freed)})")
+        return
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
+    terminal = not json_output
+
+    def say(line: str) -> None:
+        if terminal:
+            click.echo(line, err=True)
+
+    say(f"qbhub demo: working in {workdir} (removed by `qbhub demo --clean`)")
     registry, hook = state.registry, state.registry.pm.hook
     source = LocalPlatform(workdir / "platform")
     empty = LocalPlatform(workdir / "empty-platform")
-    engine = demo_engine(registry, workdir / "state")
+    bars = Progress(enabled=None if terminal else False)
+    engine = demo_engine(registry, workdir / "state", bars)
     rng = random.Random(858)
-    steps = Steps()
+    steps = Steps(say)
 
     def agent_store() -> Store:
         return QrexecStore(BACKUP_VM, ARCHIVE, lambda: source)
@@ -246,7 +280,9 @@ def demo(workdir: Path | None, size_mib: int, json_output: bool) -> None:
 
     def restore(platform: LocalPlatform, store: Store, request: RestoreRequest) -> dict[str, Any]:
         with opened(store):
-            return restore_vms(platform, store, hook, demo_engine(registry, platform.home), request)
+            engine = demo_engine(registry, platform.home)
+            request = dataclasses.replace(request, progress=bars)
+            return restore_vms(platform, store, hook, engine, request)
 
     steps.run(
         "create sample VMs",
@@ -303,6 +339,7 @@ def demo(workdir: Path | None, size_mib: int, json_output: bool) -> None:
         )
     report = {
         "workdir": str(workdir),
+        "workdir_bytes": disk_usage(workdir),
         "archive": f"qubes://{BACKUP_VM}/{ARCHIVE} ({archive_dir})",
         "sessions": [full["session"], incremental["session"]],
         "skipped": skipped,
@@ -325,7 +362,8 @@ def change_some_data(platform: LocalPlatform, size_mib: int, rng: random.Random)
 def demo_text(report: dict[str, Any]) -> str:
     """The report as a table: steps with times, then one line per check."""
     lines = [
-        f"qbhub demo in {report['workdir']}",
+        f"qbhub demo in {report['workdir']} ({human_bytes(report['workdir_bytes'])} on disk; "
+        "`qbhub demo --clean` removes it)",
         f"  archive {report['archive']}; sessions {', '.join(report['sessions'])}; "
         f"not backed up: {', '.join(report['skipped'])} (the backup VM itself, DispVMs)",
         "",
