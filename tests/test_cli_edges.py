@@ -112,3 +112,26 @@ def test_volume_restore_to_stdout(qbhub: Qbhub, tmp_path: Path) -> None:
     both = qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", "-", "--json",
                      check=False)  # fmt: skip
     assert both.returncode == 2 and "choose one" in both.stderr
+
+
+def test_missing_paths_are_not_found_and_name_the_users_path(qbhub: Qbhub, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", blocks=2)
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk")
+    target = tmp_path / "no-such-dir" / "out.img"
+    restore = qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", target,
+                        check=False)  # fmt: skip
+    assert restore.returncode == 7
+    line = one_line(restore.stderr)
+    assert f"directory {target.parent} does not exist" in line and "partial" not in line
+    diff = qbhub.run("diff", "--dest", archive, "disk", tmp_path / "gone.img", check=False)
+    assert diff.returncode == 7 and "gone.img does not exist" in one_line(diff.stderr)
+
+
+def test_vm_lists_read_as_english() -> None:
+    from qubes_backup_hub.jobs.restore import vm_list
+
+    assert vm_list(["work"]) == "VM work"
+    assert vm_list(["fedora", "work"]) == "VMs fedora and work"
+    assert vm_list(["a", "b", "c"]) == "VMs a, b and c"

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ..errors import DifferenceFound
+from ..errors import DifferenceFound, NotFoundError
 from ..safety.names import check_session_id, check_volume_name
 from .context import archive_options, cli_state
 from .format import human_bytes
@@ -38,7 +38,7 @@ def diff_text(r: dict[str, Any]) -> str:
 @click.command("diff")
 @archive_options
 @click.argument("name")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--session", help="Compare with this session (default: the newest holding NAME).")
 @click.option(
     "--exit-status", is_flag=True, help="Exit 9 when the volumes differ (0 when identical)."
@@ -62,6 +62,8 @@ def diff(
     check_volume_name(name)
     if session:
         check_session_id(session)
+    if not path.exists():
+        raise NotFoundError(f"{path} does not exist")
     eng = state.engine(engine, passphrase_file)
     result = eng.compare_volume(state.store(dest), name, path, session=session)
     state.emit(result, diff_text)

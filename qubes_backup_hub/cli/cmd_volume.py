@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..engine import VolumeSource, engine_prepared
-from ..errors import QbhubError, UsageError
+from ..errors import NotFoundError, QbhubError, UsageError
 from ..progress import human_bytes
 from ..safety.names import check_session_id, check_volume_name
 from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
@@ -154,6 +154,8 @@ def restore(
             ) from None
         click.echo(f"Streamed {name} ({human_bytes(size)}) to standard output", err=True)
         return
+    if not target.parent.is_dir():
+        raise NotFoundError(f"cannot restore to {target}: directory {target.parent} does not exist")
     eng = state.engine(engine, passphrase_file)
     result = eng.restore_volume(
         state.store(dest), name, target, session=session, overwrite=overwrite

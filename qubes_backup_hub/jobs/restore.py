@@ -203,6 +203,13 @@ class CountingReader:
         return True
 
 
+def vm_list(names: list[str]) -> str:
+    """"VM work", "VMs fedora and work", "VMs a, b and c"."""
+    if len(names) == 1:
+        return f"VM {names[0]}"
+    return f"VMs {', '.join(names[:-1])} and {names[-1]}"
+
+
 def parse_header(payload: bytes, request: RestoreRequest) -> RestoreHeader:
     """Decode the header strictly into a RestoreHeader with the renames applied.
 
@@ -549,7 +556,8 @@ def _check_plan(header: RestoreHeader, existing: set[str], request: RestoreReque
     clash = [n for n in names if n in existing]
     if clash and not request.replace:
         raise UsageError(
-            f"VM {', '.join(clash)} already exists; use --replace, or --rename OLD:NEW"
+            f"{vm_list(clash)} already exist{'s' if len(clash) == 1 else ''}; "
+            "use --replace, or --rename OLD:NEW"
         )
 
 
