@@ -135,3 +135,19 @@ def test_vm_lists_read_as_english() -> None:
     assert vm_list(["work"]) == "VM work"
     assert vm_list(["fedora", "work"]) == "VMs fedora and work"
     assert vm_list(["a", "b", "c"]) == "VMs a, b and c"
+
+
+def test_verbose_and_log_file(qbhub: Qbhub, vm_archive: Path, tmp_path: Path) -> None:
+    log = tmp_path / "qbhub.log"
+    loud = qbhub.run("-v", "--log-file", log, "backup", "work", "--dest", vm_archive)
+    assert "qbhub: backing up 1 VMs" in loud.stderr and "committed" in loud.stderr
+    missing = qbhub.run("--log-file", log, "list", "--dest", tmp_path / "gone", check=False)
+    assert missing.returncode == 7
+    assert "backing up" not in missing.stderr  # without -v, stderr holds only the error line
+    text = log.read_text()
+    assert "backup work --dest" in text and "session " in text and "exit 0" in text
+    assert f"no qbhub archive at {tmp_path / 'gone'}" in text and "(exit 7)" in text
+    assert "PASSPHRASE" not in text and "secret" not in text
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+    bad = qbhub.run("--log-file", tmp_path / "no" / "dir.log", "engines", check=False)
+    assert bad.returncode == 2 and "cannot open log file" in one_line(bad.stderr)

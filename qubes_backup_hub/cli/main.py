@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import shlex
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import click
@@ -18,6 +21,7 @@ from .. import __version__
 from ..errors import QbhubError
 from ..tuning import tune_allocator
 from .context import CliState
+from .logsetup import configure as configure_logging
 
 EPILOG = """\b
 Exit codes: 0 success, 1 other error, 2 usage error, 3 integrity or
@@ -34,6 +38,8 @@ $QBHUB_PASSPHRASE, else a prompt. --profile NAME takes option defaults from
 $QBHUB_HOME (default ~/.local/share/qbhub).
 """
 
+
+log = logging.getLogger(__name__)
 
 # Command name -> "module:attribute" in this package; imported only when the command runs (or
 # when --help lists them), so a backup does not pay for the demo's or the restore's imports.
@@ -77,10 +83,19 @@ class LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.version_option(__version__, prog_name="qbhub")
+@click.option("-v", "--verbose", count=True, help="Say more on stderr (-vv: debugging detail).")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="QBHUB_LOG_FILE",
+    help="Append a detailed log (times, steps, errors) to this file, for support.",
+)
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, verbose: int, log_file: Path | None) -> None:
     """qbhub, the Qubes Backup Hub: encrypted, authenticated, incremental backups."""
     ctx.ensure_object(CliState)
+    configure_logging(verbose, log_file)
+    log.info("qbhub %s (pid %d): %s", __version__, os.getpid(), shlex.join(sys.argv[1:]))
 
 
 class Terminated(BaseException):
@@ -126,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     json_errors = "--json" in args[: args.index("--")] if "--" in args else "--json" in args
     message, code = run_cli(args)
+    if message is not None:
+        log.error("%s (exit %d)", message.strip(), code)
+    else:
+        log.info("exit %d", code)
     if message is not None:
         click.echo(message, err=True)
         if json_errors:

@@ -9,6 +9,7 @@ stderr as the snapshot is taken, and the result's volume entry carries it as "sn
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -23,6 +24,9 @@ from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
 from ..store.base import Store
 
 SKIPPED_CLASSES = ("AdminVM", "DispVM")
+
+
+log = logging.getLogger(__name__)
 
 
 def choose_vms(
@@ -91,6 +95,8 @@ def backup_vms(
     (default: stderr).
     """
     archive_id = engine.archive_id(store)
+    log.info("backing up %d VMs to %s (archive %s): %s", len(names), store.url, archive_id,
+             ", ".join(names))  # fmt: skip
     documents: list[dict[str, Any]] = []
     sources: list[VolumeSource] = []
     providers: list[SnapshotProvider] = []
@@ -101,10 +107,13 @@ def backup_vms(
             for archive_name, note in notes.items():
                 (notice or _stderr)(f"qbhub: {archive_name}: full scan because {note}")
         result = engine.backup(store, sources, metadata={"vms": documents})
-    except BaseException:
+    except BaseException as exc:
+        log.warning("backup failed (%s: %s); snapshots dropped", type(exc).__name__, exc)
         for provider in providers:
             provider.abort()
         raise
+    log.info("session %s committed: %d volumes, %s bytes stored", result.get("session"),
+             len(result.get("volumes", [])), result.get("bytes_stored"))  # fmt: skip
     for provider in providers:
         provider.commit(result["session"])
     for entry in result.get("volumes", []):

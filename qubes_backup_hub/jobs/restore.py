@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
@@ -65,6 +66,9 @@ WORKER_SERVICE = "qbhub.RestoreWorker"
 READ_OPS = {OP[name]: name for name in ("get", "range", "list", "root_get", "exists")}
 MAX_STORE_REPLY = 80 << 20
 FROM_WORKER = {QUERY: MAX_QUERY, HEADER: MAX_HEADER, DATA: MAX_DATA_FRAME, END: 0, FAIL: MAX_FAIL}
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,7 +208,7 @@ class CountingReader:
 
 
 def vm_list(names: list[str]) -> str:
-    """"VM work", "VMs fedora and work", "VMs a, b and c"."""
+    """ "VM work", "VMs fedora and work", "VMs a, b and c"."""
     if len(names) == 1:
         return f"VM {names[0]}"
     return f"VMs {', '.join(names[:-1])} and {names[-1]}"
@@ -407,6 +411,8 @@ def _run_worker(
             _consume(channel, header, request)
             return {"session": header.session}
         _report_plan(header, outcome, request)
+        log.info("restoring %s from session %s", ", ".join(v.name for v in header.vms),
+                 header.session)  # fmt: skip
         overwritten = [vm.name for vm in header.vms] if request.data_only else []
         held = hold_vms(platform, removals or overwritten)
         for name in removals:
@@ -429,6 +435,7 @@ def _run_worker(
                         request.progress.start(f"{vm.name}:{volume.name}", volume.size)
                         reader = cast(IO[bytes], CountingReader(reader, request.progress))
                     platform.import_volume(vm.name, volume.name, volume.size, reader)
+                    log.info("imported %s:%s (%d bytes)", vm.name, volume.name, volume.size)
                     if request.progress is not None:
                         request.progress.finish()
                     imported += volume.size
@@ -437,6 +444,7 @@ def _run_worker(
             for vm in order:
                 failed += [f"{vm.name}: {f}" for f in platform.apply_settings(_settings_of(vm))]
     except BaseException as exc:
+        log.warning("restore failed (%s: %s); undoing it", type(exc).__name__, exc)
         process.kill()
         for name in reversed(created):
             with contextlib.suppress(QbhubError):
