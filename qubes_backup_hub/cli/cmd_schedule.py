@@ -256,7 +256,7 @@ def run(profile_name: str) -> None:
         steps.append(["prune"])
     steps.append(["verify"] if full else ["verify", "--quick"])
     for step in steps:
-        argv = [*qbhub_command(), *step, "--profile", profile.name]
+        argv = [*qbhub_command(), "-v", *step, "--profile", profile.name]  # -v: to the journal
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, check=False)
         if done.returncode != 0:
             command = shlex.join(["qbhub", *step])
