@@ -408,7 +408,8 @@ def test_external_live_set_agrees_with_the_in_memory_one(tmp_path: Path) -> None
     of the index cache into live and dead entries by pack equals the in-memory plan's."""
     from qbhub_native import livesets
     from qbhub_native.extsort import RunSorter
-    from qbhub_native.prune import _whole_cache, plan
+    from qbhub_native.livesets import whole_cache
+    from qbhub_native.prune import plan
     from qbhub_native.verify import walk_sessions
 
     for seed in range(3):
@@ -439,7 +440,7 @@ def test_external_live_set_agrees_with_the_in_memory_one(tmp_path: Path) -> None
             got = list(sorter.sorted())
             assert got == sorted(expected), (seed, trial)
 
-            disk = _whole_cache(repo)  # the cache file, every index object folded in
+            disk = whole_cache(repo)  # the cache file, every index object folded in
             assert disk is not None
             try:
                 split = livesets.split_packs(disk, iter(got), directory)

@@ -9,6 +9,7 @@ the listing on stdout, and exit 3 with one summary line on stderr.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,10 @@ def run_verify(qbhub: Qbhub, archive: Path, *extra: str) -> dict[str, Any]:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qbhub: error: verify found"), result.stderr
     assert "Traceback" not in result.stderr
-    report: dict[str, Any] = result.json
+    # stdout: the report, then (as for every error under --json) {"error": ..., "code": 3}.
+    report, end = json.JSONDecoder().raw_decode(result.stdout)
+    assert json.loads(result.stdout[end:])["code"] == 3
+    assert isinstance(report, dict)
     return report
 
 
@@ -182,3 +186,46 @@ def test_report_is_bounded() -> None:
     assert len(out["damaged"]) == 3 and out["damaged_count"] == 10  # type: ignore[arg-type]
     assert out["damaged_unlisted"]["count"] == 7  # type: ignore[index]
     assert len(out["damaged_unlisted"]["sessions"]) == 7  # type: ignore[index]
+
+
+def test_shared_subtrees_carry_their_damage_to_every_session(tmp_path: Path) -> None:
+    """Verify walks each volume against its previous tree and skips subtrees met before: damage
+    under a shared leaf is still attached to every session holding it, damage under a changed
+    leaf only to its sessions; the index from the cache (grouped by pack from sorted runs) gives
+    the same report as the whole index in memory."""
+    from test_prune import SMALL_CHUNK, InProcess
+
+    arch = InProcess(tmp_path)
+    rng = __import__("random").Random(3)
+    disk = bytearray(rng.randbytes(600 * SMALL_CHUNK))  # 600 chunks: 3 leaves and a top page
+    first = arch.backup({"disk": bytes(disk)})
+    disk[:SMALL_CHUNK] = rng.randbytes(SMALL_CHUNK)
+    second = arch.backup({"disk": bytes(disk)})
+    arch.backup({"other": rng.randbytes(3 * SMALL_CHUNK)})
+    repo = arch.repo()
+    record = repo.session_record(repo.body.sessions[1])
+    top = repo.load_page(record.volumes[0].tree_id, 1, 3)
+    shared_leaf = repo.load_page(top[2 * 32 : 3 * 32], 0, 600 - 512)
+    new_leaf = repo.load_page(top[:32], 0, 256)
+    shared_chunk, new_chunk = shared_leaf[5 * 32 : 6 * 32], new_leaf[:32]
+    for blob_id in (shared_chunk, new_chunk):
+        loc = repo.locator.get(blob_id)
+        assert loc is not None
+        path = arch.store.path / "objects" / loc.pack[-2:] / loc.pack
+        data = bytearray(path.read_bytes())
+        data[loc.offset + loc.length // 2] ^= 1
+        path.write_bytes(bytes(data))
+
+    result = arch.fresh_engine().verify(arch.store, quick=False)
+    assert entry(result, f"chunk {shared_chunk.hex()}")["sessions"] == [first, second]
+    assert entry(result, f"chunk {new_chunk.hex()}")["sessions"] == [second]
+    assert result["tree_pages"] == 4 + 2 + 1 and result["chunks_referenced"] == 601 + 3
+
+    tolerant = TolerantRepository.open(arch.store, lambda: b"", LocalState(tmp_path / "s2"),
+                                       allow_unencrypted=True)  # fmt: skip
+    in_memory = verify_archive(tolerant, quick=False, progress=Progress(enabled=False))
+    for key in ("damaged_count", "tree_pages", "chunks_referenced", "packs",
+                "unreferenced_objects", "blobs_verified", "bytes_verified"):  # fmt: skip
+        assert in_memory[key] == result[key], key
+    key_of = lambda d: (d["object"], d["problem"], tuple(d["sessions"]), tuple(d["volumes"]))  # noqa: E731
+    assert sorted(map(key_of, in_memory["damaged"])) == sorted(map(key_of, result["damaged"]))

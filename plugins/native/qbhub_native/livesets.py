@@ -27,7 +27,16 @@ from pathlib import Path
 from qubes_backup_hub.errors import IntegrityError
 
 from .extsort import RunSorter
-from .index_cache import RAW_BITS, RAW_MAX, RECORD, DiskIndex
+from .index_cache import (
+    RAW_BITS,
+    RAW_MAX,
+    RECORD,
+    CachedIndex,
+    DiskIndex,
+    build_cache,
+    cache_path,
+    covers_digest,
+)
 from .pack import ENTRY, PackEntry
 from .repository import Repository
 from .tree import ZERO_ID, Geometry, split_ids
@@ -35,6 +44,30 @@ from .tree import ZERO_ID, Geometry, split_ids
 SLICE_RECORDS = 1 << 14  # cache records read at a time
 MEMO_PAGES = 1 << 16  # recently reached pages remembered (clones share subtrees)
 KEYED = struct.Struct(">II")  # (pack number, offset): the grouping key of a live record
+
+
+def whole_cache(repo: Repository) -> DiskIndex | None:
+    """The index cache file covering every index object the root lists, or None if there can't
+    be one here. Index objects the file does not cover yet are folded into it first."""
+    if repo.cache_dir is None:
+        return None
+    try:
+        locator = repo.locator
+        if not isinstance(locator, CachedIndex):
+            return None
+        path = cache_path(repo.cache_dir, repo.header.archive_id)
+        if len(locator.extra) or locator.disk.layout.covered != len(repo.body.indexes):
+            build_cache(path, repo.header.archive_id, list(repo.body.indexes),
+                        repo.index_object_tables, base=locator.disk)  # fmt: skip
+            repo.forget_index()
+        disk = DiskIndex(path)
+        if disk.layout.digest != covers_digest(repo.header.archive_id, list(repo.body.indexes)):
+            disk.close()
+            return None
+        return disk
+    except OSError:
+        repo.forget_index()
+        return None
 
 
 class LiveWalker:

@@ -27,16 +27,9 @@ from qubes_backup_hub.errors import NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
 from .index import Index, PackTable, decode_index, encode_index, pad_index
-from .index_cache import (
-    TMP_MARK,
-    CachedIndex,
-    DiskIndex,
-    build_cache,
-    cache_path,
-    covers_digest,
-)
+from .index_cache import TMP_MARK, DiskIndex, build_cache, cache_path
 from .limits import MAX_PACK
-from .livesets import grouped_entries, live_ids
+from .livesets import grouped_entries, live_ids, whole_cache
 from .livesets import split_packs as split_by_pack
 from .pack import ENTRY, PackEntry
 from .repository import Repository
@@ -106,7 +99,7 @@ def prune_archive(
     """
     dropped = set(drop)
     remaining = [ref for ref in repo.body.sessions if ref.session_id not in dropped]
-    disk = _whole_cache(repo)
+    disk = whole_cache(repo)
     if disk is None:
         return _prune_in_memory(repo, drop, remaining, progress, threshold)
     assert repo.cache_dir is not None
@@ -114,30 +107,6 @@ def prune_archive(
         return _prune_on_disk(repo, disk, drop, remaining, progress, threshold, repo.cache_dir)
     finally:
         disk.close()
-
-
-def _whole_cache(repo: Repository) -> DiskIndex | None:
-    """The index cache file covering every index object the root lists, or None if there can't
-    be one here. Index objects the file does not cover yet are folded into it first."""
-    if repo.cache_dir is None:
-        return None
-    try:
-        locator = repo.locator
-        if not isinstance(locator, CachedIndex):
-            return None
-        path = cache_path(repo.cache_dir, repo.header.archive_id)
-        if len(locator.extra) or locator.disk.layout.covered != len(repo.body.indexes):
-            build_cache(path, repo.header.archive_id, list(repo.body.indexes),
-                        repo.index_object_tables, base=locator.disk)  # fmt: skip
-            repo.forget_index()
-        disk = DiskIndex(path)
-        if disk.layout.digest != covers_digest(repo.header.archive_id, list(repo.body.indexes)):
-            disk.close()
-            return None
-        return disk
-    except OSError:
-        repo.forget_index()
-        return None
 
 
 class LocalTables:

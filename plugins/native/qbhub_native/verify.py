@@ -14,17 +14,25 @@ MAX_LISTED; the rest are counted and their sessions and volumes summed up under
 from __future__ import annotations
 
 import os
+from array import array
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import gettempdir
 
 from qubes_backup_hub.errors import IntegrityError, QbhubError
 from qubes_backup_hub.progress import Progress
 
 from .blob import BlobType
+from .extsort import RunSorter
 from .index import Index
+from .index_cache import RAW_BITS, RAW_MAX, DiskIndex
 from .limits import MAX_PACK
-from .pack import PackEntry, pack_name, plausible_size, read_trailer
+from .livesets import KEYED, cache_records, whole_cache
+from .pack import ENTRY, PackEntry, pack_name, plausible_size, read_trailer
 from .repository import Repository
 from .root import SessionRef
 from .session import VolumeRecord
@@ -33,6 +41,7 @@ from .tree import ZERO_ID, Geometry, check_height, split_ids
 MAX_LISTED = 1000  # damaged objects listed one by one; more are only counted
 OVERFLOW = -1  # the problem number of every damaged object beyond MAX_LISTED
 NO_PROBLEMS: frozenset[int] = frozenset()
+MEMO_CLEAN = 1 << 16  # recent clean tree pages remembered (clones share subtrees)
 
 
 @dataclass
@@ -168,15 +177,39 @@ class TolerantRepository(Repository):
 
 
 class DamageWalker:
-    """Walks session trees, each page once, mapping every problem below a page to that page."""
+    """Walks session trees, mapping every problem below a page to that page.
 
-    def __init__(self, repo: Repository, report: DamageReport, bad: dict[bytes, int]) -> None:
+    Memory does not grow with the archive: a volume is walked against the tree last walked under
+    its name (same geometry), and a subtree whose page ID is the same at the same place is not
+    read again: its problems are those memoized for it (only pages with problems are memoized,
+    plus a bounded set of recent clean pages, for clones). Distinct pages and chunks are counted
+    through sorted runs on local disk (`directory`).
+    """
+
+    def __init__(
+        self, repo: Repository, report: DamageReport, bad: dict[bytes, int], directory: Path
+    ) -> None:
         self.repo = repo
         self.report = report
         self.bad = bad  # blob ID -> problem number, from the pack checks
-        self.memo: dict[bytes, frozenset[int]] = {}
-        self.chunks: set[bytes] = set()
+        self.memo: dict[bytes, frozenset[int]] = {}  # pages with problems
+        self.clean: set[bytes] = set()  # recent pages without problems (bounded)
+        self.last: dict[str, tuple[Geometry, bytes]] = {}  # volume name -> last tree walked
+        self.seen = RunSorter(directory, 33)  # b"p" + page ID, b"c" + chunk ID
         self.missing_from_index: set[int] = set()
+
+    def counts(self) -> tuple[int, int]:
+        """(distinct tree pages, distinct chunks) met; the walker is then spent."""
+        pages = chunks = 0
+        for record in self.seen.sorted():
+            if record[:1] == b"p":
+                pages += 1
+            else:
+                chunks += 1
+        return pages, chunks
+
+    def close(self) -> None:
+        self.seen.close()
 
     def volume(self, volume: VolumeRecord) -> frozenset[int]:
         geometry = volume.geometry
@@ -185,14 +218,18 @@ class DamageWalker:
         except IntegrityError as exc:
             key = ("volume", volume.tree_id)
             return frozenset((self.report.add(key, f"volume tree {volume.tree[:16]}", str(exc)),))
-        return self._page(volume.tree_id, geometry, geometry.height, 0)
+        before = self.last.get(volume.name)
+        base = before[1] if before is not None and before[0] == geometry else None
+        found = self._page(volume.tree_id, base, geometry, geometry.height, 0)
+        self.last[volume.name] = (geometry, volume.tree_id)
+        return found
 
     def indexed(self, blob_id: bytes, type_code: int, what: str) -> int | None:
         """The problem number of a referenced blob that is damaged or not properly indexed."""
         number = self.bad.get(blob_id)
         if number is not None:
             return number
-        loc = self.repo.index.get(blob_id)
+        loc = self.repo.locator.get(blob_id)
         if loc is not None and loc.type_code == type_code:
             return None
         problem = "is referenced but not in the index" if loc is None else "has the wrong type"
@@ -201,18 +238,24 @@ class DamageWalker:
             self.missing_from_index.add(number)
         return number
 
-    def _page(self, page_id: bytes, geometry: Geometry, level: int, index: int) -> frozenset[int]:
+    def _page(
+        self, page_id: bytes, base: bytes | None, geometry: Geometry, level: int, index: int
+    ) -> frozenset[int]:
         if page_id == ZERO_ID:
             return NO_PROBLEMS
         known = self.memo.get(page_id)
         if known is not None:
             return known
+        if page_id == base or page_id in self.clean:
+            return NO_PROBLEMS  # walked before: it would be in `memo` if it had problems
+        self.seen.add(b"p" + page_id)
         what = f"tree page {page_id.hex()}"
         number = self.indexed(page_id, BlobType.TREE, what)
         entries = b""
+        count = geometry.children(level, index)
         if number is None:
             try:
-                entries = self.repo.load_page(page_id, level, geometry.children(level, index))
+                entries = self.repo.load_page(page_id, level, count)
             except QbhubError as exc:
                 number = self.report.add(page_id, what, str(exc))
         if number is not None:
@@ -220,21 +263,32 @@ class DamageWalker:
         elif level == 0:
             found = self._leaf(split_ids(entries))
         else:
+            olds: list[bytes | None] = [None] * count
+            # The base's children were all walked if it is clean (a base with problems may
+            # have failed before its children were reached: then this page is walked whole).
+            if base is not None and base != ZERO_ID and base not in self.memo:
+                with suppress(QbhubError):  # reported where it is met: walk this page whole
+                    olds = list(split_ids(self.repo.load_page(base, level, count)))
             found = NO_PROBLEMS.union(
                 *(
-                    self._page(child, geometry, level - 1, index * geometry.fanout + k)
-                    for k, child in enumerate(split_ids(entries))
+                    self._page(child, old, geometry, level - 1, index * geometry.fanout + k)
+                    for k, (child, old) in enumerate(zip(split_ids(entries), olds, strict=True))
                 )
             )
-        self.memo[page_id] = found or NO_PROBLEMS
-        return self.memo[page_id]
+        if found:
+            self.memo[page_id] = found
+        else:
+            if len(self.clean) >= MEMO_CLEAN:
+                self.clean.clear()
+            self.clean.add(page_id)
+        return found or NO_PROBLEMS
 
     def _leaf(self, chunks: list[bytes]) -> frozenset[int]:
         problems = set()
         for chunk in chunks:
             if chunk == ZERO_ID:
                 continue
-            self.chunks.add(chunk)
+            self.seen.add(b"c" + chunk)
             number = self.indexed(chunk, BlobType.DATA, f"chunk {chunk.hex()}")
             if number is not None:
                 problems.add(number)
@@ -246,20 +300,28 @@ def verify_archive(repo: Repository, *, quick: bool, progress: Progress) -> dict
     IntegrityError for damage it can attribute (the result's "damaged" list says it all).
 
     Works on any opened Repository; a TolerantRepository also reports bad index objects.
+    Memory does not grow with the archive when the local index cache can be used: the index's
+    entries come grouped by pack from sorted runs of the cache's records, and the tree walk
+    counts what it met through sorted runs too. Otherwise the index is held in memory.
     """
     report = DamageReport()
     sizes = dict(repo.store.list())
-    packs = repo.index.by_pack()
     bad: dict[bytes, int] = {}
-    _check_presence(repo, packs, sizes, report, bad, sizes_matter=quick)
-    blobs = total = 0
-    if not quick:
-        present = {name: entries for name, entries in packs.items() if name in sizes}
-        total = sum(sizes[name] for name in present)
-        blobs = _check_packs(repo, present, sizes, report, bad, progress, total)
-    walker = DamageWalker(repo, report, bad)
-    for ref in repo.body.sessions:
-        _check_session(repo, ref.session_id, ref, walker, report)
+    disk = None if isinstance(repo, TolerantRepository) else whole_cache(repo)
+    directory = repo.cache_dir if disk is not None and repo.cache_dir else Path(gettempdir())
+    try:
+        groups = PackGroups(repo, disk, directory, sizes)
+        packs = _check_all_packs(repo, groups, sizes, report, bad, progress, quick=quick)
+    finally:
+        if disk is not None:
+            disk.close()
+    walker = DamageWalker(repo, report, bad, directory)
+    try:
+        for ref in repo.body.sessions:
+            _check_session(repo, ref.session_id, ref, walker, report)
+        pages, chunks = walker.counts()
+    finally:
+        walker.close()
     for name, problem in getattr(repo, "index_problems", []):
         number = report.add(name, f"index object {name}", problem)
         for missing in walker.missing_from_index:
@@ -268,21 +330,132 @@ def verify_archive(repo: Repository, *, quick: bool, progress: Progress) -> dict
                 report.attach(number, session)
             report.damage(number).volumes |= found.volumes
     order = {ref.session_id: k for k, ref in enumerate(repo.body.sessions)}
+    index_names = {n for n, _ in repo.body.indexes}
     result: dict[str, object] = {
         "sessions": len(repo.body.sessions),
-        "tree_pages": len(walker.memo),
-        "chunks_referenced": len(walker.chunks),
-        "packs": len(packs),
-        "unreferenced_objects": sum(
-            1 for n in sizes if n not in packs and n not in dict(repo.body.indexes)
-        ),
+        "tree_pages": pages,
+        "chunks_referenced": chunks,
+        "packs": packs.count,
+        "unreferenced_objects": len(sizes)
+        - packs.present
+        - sum(1 for n in index_names if n in sizes),
         "mode": "quick" if quick else "full",
         **report.result(order),
     }
     if not quick:
-        result["blobs_verified"] = blobs
-        result["bytes_verified"] = total
+        result["blobs_verified"] = packs.blobs
+        result["bytes_verified"] = groups.total
     return result
+
+
+class PackGroups:
+    """The index's entries grouped by pack (each pack's in offset order), with the bytes of the
+    packs the store holds: from the whole index in memory, or from sorted runs of the cache's
+    records (`disk`), which hold nothing per blob in memory."""
+
+    def __init__(
+        self, repo: Repository, disk: DiskIndex | None, directory: Path, sizes: dict[str, int]
+    ) -> None:
+        self.repo = repo
+        self.disk = disk
+        self.sorter: RunSorter | None = None
+        self.names: list[str] = []
+        if disk is None:
+            self.packs = repo.index.by_pack()
+            self.total = sum(sizes[name] for name in self.packs if name in sizes)
+            return
+        self.names = [name for name, _ in disk.iter_packs()]
+        counts = array("Q", bytes(8 * len(self.names)))
+        self.sorter = RunSorter(directory, KEYED.size + ENTRY.size)
+        for blob_id, pack, offset, length, packed in cache_records(disk):
+            if pack >= len(self.names):
+                raise IntegrityError("the index cache names a pack it does not hold")
+            counts[pack] += 1
+            self.sorter.add(
+                KEYED.pack(pack, offset)
+                + ENTRY.pack(packed >> RAW_BITS, blob_id, offset, length, packed & RAW_MAX)
+            )
+        self.total = sum(
+            sizes.get(name, 0) for name, n in zip(self.names, counts, strict=True) if n
+        )
+
+    def __iter__(self) -> Iterator[tuple[str, list[PackEntry]]]:
+        if self.sorter is None:
+            yield from self.packs.items()
+            return
+        current = -1
+        entries: list[PackEntry] = []
+        with self.sorter:
+            for record in self.sorter.sorted():
+                pack, _ = KEYED.unpack_from(record)
+                if pack != current and entries:
+                    yield self.names[current], entries
+                    entries = []
+                current = pack
+                entries.append(PackEntry(*ENTRY.unpack_from(record, KEYED.size)))
+            if entries:
+                yield self.names[current], entries
+
+
+@dataclass
+class PacksChecked:
+    """How many packs the index lists, how many of them the store holds, blobs that passed."""
+
+    count: int = 0
+    present: int = 0
+    blobs: int = 0
+
+
+def _check_all_packs(
+    repo: Repository,
+    groups: PackGroups,
+    sizes: dict[str, int],
+    report: DamageReport,
+    bad: dict[bytes, int],
+    progress: Progress,
+    *,
+    quick: bool,
+) -> PacksChecked:
+    """Every indexed pack must be in the listing (quick: of a possible size); full: each is
+    also read whole (in parallel, a bounded number at a time) and its problems recorded."""
+    done = PacksChecked()
+    if not quick:
+        progress.start("verify", groups.total)
+    workers = os.cpu_count() or 2
+    with ThreadPoolExecutor(workers, thread_name_prefix="qbhub-verify") as pool:
+        pending: deque[Future[PackCheck]] = deque()
+        for name, entries in groups:
+            done.count += 1
+            _check_presence(repo, name, entries, sizes, report, bad, sizes_matter=quick)
+            if name not in sizes:
+                continue
+            done.present += 1
+            if quick:
+                continue
+            pending.append(pool.submit(_verify_pack, repo, name, entries, sizes[name]))
+            while len(pending) > 2 * workers:
+                done.blobs += _record_check(repo, pending.popleft().result(), report, bad, progress)
+        while pending:
+            done.blobs += _record_check(repo, pending.popleft().result(), report, bad, progress)
+    if not quick:
+        progress.finish()
+    return done
+
+
+def _record_check(
+    repo: Repository, check: PackCheck, report: DamageReport, bad: dict[bytes, int],
+    progress: Progress,
+) -> int:  # fmt: skip
+    """Record what reading one pack found; return the blobs that passed."""
+    for problem, affected in check.pack_problems:
+        number = report.add(check.name, f"pack {check.name}", problem)
+        for blob_id in affected:
+            bad.setdefault(blob_id, number)
+    for e, problem in check.blob_problems:
+        what = f"{_label(repo, e)} in pack {check.name}"
+        bad.setdefault(e.blob_id, report.add(e.blob_id, what, problem))
+    progress.advance(check.size)
+    return check.blobs
 
 
 def _check_session(
@@ -306,28 +479,27 @@ def _check_session(
 
 def _check_presence(
     repo: Repository,
-    packs: dict[str, list[PackEntry]],
+    name: str,
+    entries: list[PackEntry],
     sizes: dict[str, int],
     report: DamageReport,
     bad: dict[bytes, int],
     *,
     sizes_matter: bool,
 ) -> None:
-    """Every indexed pack must be in the listing (and, if `sizes_matter`, of a possible size)."""
-    overhead = repo.sealer.overhead
-    for name, entries in packs.items():
-        end = max(e.offset + e.length for e in entries)
-        if name not in sizes:
-            number = report.add(name, f"pack {name}", "is missing from the store")
-            affected = entries
-        elif sizes_matter and not plausible_size(sizes[name], end, overhead):
-            problem = f"has an impossible size ({sizes[name]} bytes, its blobs end at {end})"
-            number = report.add(name, f"pack {name}", problem)
-            affected = [e for e in entries if e.offset + e.length > sizes[name]]
-        else:
-            continue
-        for e in affected:
-            bad.setdefault(e.blob_id, number)
+    """An indexed pack must be in the listing (and, if `sizes_matter`, of a possible size)."""
+    end = max(e.offset + e.length for e in entries)
+    if name not in sizes:
+        number = report.add(name, f"pack {name}", "is missing from the store")
+        affected = entries
+    elif sizes_matter and not plausible_size(sizes[name], end, repo.sealer.overhead):
+        problem = f"has an impossible size ({sizes[name]} bytes, its blobs end at {end})"
+        number = report.add(name, f"pack {name}", problem)
+        affected = [e for e in entries if e.offset + e.length > sizes[name]]
+    else:
+        return
+    for e in affected:
+        bad.setdefault(e.blob_id, number)
 
 
 @dataclass
@@ -341,33 +513,6 @@ class PackCheck:
     blob_problems: list[tuple[PackEntry, str]] = field(default_factory=list)
 
 
-def _check_packs(
-    repo: Repository,
-    packs: dict[str, list[PackEntry]],
-    sizes: dict[str, int],
-    report: DamageReport,
-    bad: dict[bytes, int],
-    progress: Progress,
-    total: int,
-) -> int:
-    """Read every pack whole (in parallel); record its problems. Return the blobs that passed."""
-    progress.start("verify", total)
-    blobs = 0
-    with ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="qbhub-verify") as pool:
-        for check in pool.map(lambda item: _verify_pack(repo, *item), _sized(packs, sizes)):
-            blobs += check.blobs
-            for problem, affected in check.pack_problems:
-                number = report.add(check.name, f"pack {check.name}", problem)
-                for blob_id in affected:
-                    bad.setdefault(blob_id, number)
-            for e, problem in check.blob_problems:
-                what = f"{_label(repo, e)} in pack {check.name}"
-                bad.setdefault(e.blob_id, report.add(e.blob_id, what, problem))
-            progress.advance(check.size)
-    progress.finish()
-    return blobs
-
-
 KINDS = {BlobType.DATA: "chunk", BlobType.TREE: "tree page", BlobType.SESSION: "session blob"}
 
 
@@ -379,13 +524,6 @@ def _label(repo: Repository, entry: PackEntry) -> str:
                 return f"session record {ref.session_id} (blob {entry.blob_id.hex()})"
     kind = KINDS.get(BlobType(entry.type_code)) if entry.type_code in KINDS else None
     return f"{kind or f'blob of type {entry.type_code}'} {entry.blob_id.hex()}"
-
-
-def _sized(
-    packs: dict[str, list[PackEntry]], sizes: dict[str, int]
-) -> Iterator[tuple[str, list[PackEntry], int]]:
-    for name, entries in packs.items():
-        yield name, entries, sizes[name]
 
 
 def _verify_pack(repo: Repository, name: str, entries: list[PackEntry], size: int) -> PackCheck:
