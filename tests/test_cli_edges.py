@@ -151,3 +151,37 @@ def test_verbose_and_log_file(qbhub: Qbhub, vm_archive: Path, tmp_path: Path) ->
     assert oct(log.stat().st_mode & 0o777) == "0o600"
     bad = qbhub.run("--log-file", tmp_path / "no" / "dir.log", "engines", check=False)
     assert bad.returncode == 2 and "cannot open log file" in one_line(bad.stderr)
+
+
+def test_sessions_carry_host_comment_tags_and_list_shows_them(
+    qbhub: Qbhub, vm_archive: Path
+) -> None:
+    qbhub.run("backup", "work", "--dest", vm_archive, "--comment", "before the upgrade",
+              "--tag", "weekly", "--tag", "pre-upgrade")  # fmt: skip
+    newest = qbhub.json("list", "--dest", vm_archive)["sessions"][-1]
+    assert newest["comment"] == "before the upgrade"
+    assert newest["tags"] == ["pre-upgrade", "weekly"]
+    assert newest["vms"] == ["work"] and newest["engine"] == "native" and newest["host"]
+    assert newest["bytes_read"] >= newest["bytes_stored"]
+    text = qbhub.run("list", "--dest", vm_archive).stdout
+    assert '"before the upgrade"' in text and "[pre-upgrade, weekly]" in text
+    assert "VMs: work" in text
+    settings = qbhub.run("list", "--dest", vm_archive, "--settings").stdout
+    assert "work (StandaloneVM)" in settings and "property label = red" in settings
+    as_json = qbhub.json("list", "--dest", vm_archive, "--settings")
+    assert as_json["vms"][0]["settings"]["properties"]["label"] == "red"
+    for bad, needle in [(["--tag", "no spaces"], "invalid tag"),
+                        (["--comment", "two\nlines"], "one line of printable text")]:  # fmt: skip
+        refused = qbhub.run("backup", "work", "--dest", vm_archive, *bad, check=False)
+        assert refused.returncode == 2 and needle in one_line(refused.stderr)
+
+
+def test_session_notes_from_the_archive_are_made_printable() -> None:
+    from qubes_backup_hub.session_notes import summary
+
+    shown = summary({"host": "evil\x1b[2J", "comment": "x" * 5000, "tags": ["a\nb", 7],
+                     "vms": [{"name": "w\x07"}, "junk"]})  # fmt: skip
+    assert shown["host"] == "evil\\x1b[2J"
+    assert len(shown["comment"]) <= 1003 and shown["comment"].endswith("...")
+    assert shown["tags"] == ["a\\x0ab"] and shown["vms"] == ["w\\x07"]
+    assert summary(["not", "a", "dict"]) == {}

@@ -61,14 +61,28 @@ def init(
 @click.command("list")
 @archive_options
 @click.option("--session", help="Show only this session.")
+@click.option(
+    "--settings", is_flag=True, help="Show the VM settings the session (default: newest) holds."
+)
 def list_cmd(
-    dest: str, engine: str, passphrase_file: Path | None, json_output: bool, session: str | None
+    dest: str,
+    engine: str,
+    passphrase_file: Path | None,
+    json_output: bool,
+    session: str | None,
+    settings: bool,
 ) -> None:
-    """Show sessions with their volumes, sizes and the bytes each stored."""
+    """Show sessions: when, where and by which engine, comment and tags, VMs, volumes with their
+    sizes, and the bytes each read and stored."""
     state = cli_state(json_output)
     if session:
         check_session_id(session)
     eng = state.engine(engine, passphrase_file)
+    if settings:
+        described = eng.describe_session(state.store(dest), session)
+        vms = described.get("metadata", {}).get("vms", [])
+        state.emit({"session": described.get("session"), "vms": vms}, fmt.settings_text)
+        return
     state.emit(eng.list_sessions(state.store(dest), session=session), fmt.list_text)
 
 

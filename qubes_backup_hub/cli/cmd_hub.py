@@ -14,6 +14,7 @@ from ..platform.detect import default_platform
 from ..progress import Progress, human_bytes
 from ..safety.names import check_session_id
 from ..safety.policy import RISKS
+from ..session_notes import make_notes
 from ..store.qrexec import QrexecStore
 from . import format as fmt
 from .context import archive_options, cli_state
@@ -24,6 +25,8 @@ from .context import archive_options, cli_state
 @click.argument("vms", nargs=-1, metavar="[VM]...")
 @click.option("--all", "all_vms", is_flag=True, help="Every VM except dom0 and DispVMs.")
 @click.option("--exclude", multiple=True, metavar="VM", help="Leave this VM out (repeatable).")
+@click.option("--comment", metavar="TEXT", help="A note kept with the session (qbhub list).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag the session (repeatable).")
 def backup(
     dest: str,
     engine: str,
@@ -32,6 +35,8 @@ def backup(
     vms: tuple[str, ...],
     all_vms: bool,
     exclude: tuple[str, ...],
+    comment: str | None,
+    tags: tuple[str, ...],
 ) -> None:
     """Back up VMs (their persistent volumes and settings) as one session.
 
@@ -39,6 +44,7 @@ def backup(
     are backed up only when named. Only what changed since the last session is stored.
     """
     state = cli_state(json_output)
+    notes = make_notes(comment, list(tags))
     platform = default_platform()
     store = state.store(dest)
     serving = store.vm if isinstance(store, QrexecStore) else None
@@ -55,6 +61,7 @@ def backup(
             state.registry.pm.hook,
             names,
             prepare_in_background=not state.passphrase_prompts(passphrase_file),
+            session_notes=notes,
         )
     finally:
         store.close()

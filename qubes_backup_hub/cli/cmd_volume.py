@@ -13,6 +13,7 @@ from ..engine import VolumeSource, engine_prepared
 from ..errors import NotFoundError, QbhubError, UsageError
 from ..progress import human_bytes
 from ..safety.names import check_session_id, check_volume_name
+from ..session_notes import make_notes
 from ..snapshot import PlainProvider, SnapshotProvider, VolumeRef
 from . import format as fmt
 from .context import archive_options, cli_state
@@ -41,6 +42,8 @@ def parse_volume_arg(arg: str) -> tuple[str, str]:
     is_flag=True,
     help="Read each volume in place and scan it whole (no snapshot provider, no kept view).",
 )
+@click.option("--comment", metavar="TEXT", help="A note kept with the session (qbhub list).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag the session (repeatable).")
 @click.argument("volumes", nargs=-1, required=True, metavar="PATH[=NAME]...")
 def backup(
     dest: str,
@@ -48,6 +51,8 @@ def backup(
     passphrase_file: Path | None,
     json_output: bool,
     no_snapshot: bool,
+    comment: str | None,
+    tags: tuple[str, ...],
     volumes: tuple[str, ...],
 ) -> None:
     """Back up one or more volumes as one session.
@@ -58,6 +63,7 @@ def backup(
     directory beside it) and only the ranges changed since its previous backup are read.
     """
     state = cli_state(json_output)
+    session_notes = make_notes(comment, list(tags))
     hook = state.registry.pm.hook
     eng = state.engine(engine, passphrase_file)
     store = state.store(dest)
@@ -81,7 +87,7 @@ def backup(
                         name, view.path, view.changed_ranges, view.provider, view.base_session
                     )
                 )
-        result = eng.backup(store, sources)
+        result = eng.backup(store, sources, metadata=session_notes)
     except BaseException:
         for provider in providers:
             provider.abort()

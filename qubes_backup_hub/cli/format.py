@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 from ..progress import human_bytes
 from ..retention import session_order
+from ..safety.text import shown
 
 Renderer = Callable[[dict[str, Any]], str]
 
@@ -71,13 +73,34 @@ def restore_text(r: dict[str, Any]) -> str:
 
 
 @engine_text
+def session_line(s: dict[str, Any]) -> str:
+    """One session: ID, when, where, engine, bytes read and stored, tags (what is known)."""
+    parts = [s["session"]]
+    if s.get("finished") or s.get("started"):
+        parts.append(str(s.get("finished") or s.get("started")))
+    if s.get("host"):
+        parts.append(f"on {s['host']}")
+    if s.get("engine"):
+        parts.append(s["engine"])
+    if "bytes_read" in s:
+        parts.append(f"read {human_bytes(s['bytes_read'])}")
+    parts.append(f"stored {human_bytes(s['bytes_stored'])}")
+    if s.get("tags"):
+        parts.append("[" + ", ".join(s["tags"]) + "]")
+    return "  ".join(parts)
+
+
 def list_text(r: dict[str, Any]) -> str:
     lines = [
         archive_line(r),
         f"{len(r['sessions'])} sessions, archive size {human_bytes(r['archive_bytes'])}",
     ]
     for s in r["sessions"]:
-        lines.append(f"{s['session']}  stored {human_bytes(s['bytes_stored'])}")
+        lines.append(session_line(s))
+        if s.get("comment"):
+            lines.append(f'    "{s["comment"]}"')
+        if s.get("vms"):
+            lines.append(f"    VMs: {', '.join(s['vms'])}")
         for v in s["volumes"]:
             lines.append(
                 f"    {v['name']:<32} {human_bytes(v['size']):>10}  "
@@ -126,4 +149,32 @@ def prune_plan_text(r: dict[str, Any]) -> str:
     rows += [(s, "drop", "no rule keeps it") for s in drop]
     for session, verdict, why in sorted(rows, key=lambda row: session_order(row[0]), reverse=True):
         lines.append(f"  {session:<20} {verdict}  {why}")
+    return "\n".join(lines)
+
+
+def settings_text(r: dict[str, Any]) -> str:
+    """The VM settings a session holds, VM by VM (text from the archive, shown printable)."""
+    lines = [f"Session {r['session']}: {len(r['vms'])} VMs"]
+    for vm in r["vms"]:
+        if not isinstance(vm, dict):
+            continue
+        lines.append(f"{shown(str(vm.get('name')))} ({shown(str(vm.get('class')))})")
+        settings = vm.get("settings")
+        settings = settings if isinstance(settings, dict) else {}
+        for section, label in (("properties", "property"), ("features", "feature")):
+            values = settings.get(section)
+            if isinstance(values, dict):
+                for key, value in sorted(values.items()):
+                    lines.append(f"    {label} {shown(str(key))} = {shown(str(value))}")
+        for section in ("tags", "devices", "firewall"):
+            values = settings.get(section)
+            if isinstance(values, list) and values:
+                shown_values = ", ".join(shown(json.dumps(v), 200) for v in values)
+                lines.append(f"    {section}: {shown_values}")
+        volumes = vm.get("volumes")
+        for volume in volumes if isinstance(volumes, list) else []:
+            if isinstance(volume, dict) and isinstance(volume.get("size"), int):
+                lines.append(
+                    f"    volume {shown(str(volume.get('name')))}: {human_bytes(volume['size'])}"
+                )
     return "\n".join(lines)

@@ -87,8 +87,10 @@ def backup_vms(
     *,
     prepare_in_background: bool = False,
     notice: Callable[[str], None] | None = None,
+    session_notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Back up the VMs `names` as one session; return the engine's result plus the VM list.
+    `session_notes` (session_notes.make_notes: host, comment, tags) go into its metadata.
 
     With `prepare_in_background` (the passphrase needs no prompt) the engine unlocks the archive
     while the snapshots are taken. `notice` gets one line per volume scanned whole and why
@@ -106,7 +108,7 @@ def backup_vms(
             _snapshot_vms(platform, hook, names, archive_id, providers, sources, documents, notes)
             for archive_name, note in notes.items():
                 (notice or _stderr)(f"qbhub: {archive_name}: full scan because {note}")
-        result = engine.backup(store, sources, metadata={"vms": documents})
+        result = engine.backup(store, sources, metadata={**(session_notes or {}), "vms": documents})
     except BaseException as exc:
         log.warning("backup failed (%s: %s); snapshots dropped", type(exc).__name__, exc)
         for provider in providers:

@@ -10,6 +10,7 @@ from qubes_backup_hub.engine import Engine, EngineContext, ReadGrant, VolumeSour
 from qubes_backup_hub.errors import NotFoundError, UsageError
 from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 from qubes_backup_hub.safety.rollback import LocalState
+from qubes_backup_hub.session_notes import summary
 from qubes_backup_hub.store.base import Store
 
 from .archiver import run_session
@@ -187,6 +188,9 @@ class NativeEngine(Engine):
                     "finished": record.finished,
                     "volumes": [_volume_summary(v) for v in record.volumes],
                     "bytes_stored": sum(v.bytes_new for v in record.volumes),
+                    "bytes_read": sum(v.bytes_read for v in record.volumes),
+                    "engine": "native",
+                    **summary(record.metadata),
                 }
             )
         stored = sum(size for _, size in store.list())
