@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
+from bisect import bisect_right
 from collections.abc import Iterable
+from operator import itemgetter
 
 from .fiemap import UNCOMPARABLE, Extent
 
@@ -55,39 +58,66 @@ def extent_map_diff(old: Iterable[Extent], new: Iterable[Extent], size: int) -> 
     through extents whose flags allow the comparison (not encoded, inline, delayed or unknown).
     Everything else is reported: false positives are possible, misses are not.
 
-    Extents that appear identically in both maps (same span, same physical address, comparable)
-    are set aside first, so the pointwise walk only visits what differs: within one map extents
-    do not overlap, so a byte under such an extent is under no other extent of either map.
+    Two comparable extents map a byte to the same physical byte exactly when they overlap and
+    have the same key (physical - logical). So the old extents are grouped by key, each new
+    extent is intersected only with the old extents of its own key (found by bisection), and the
+    result is what either map covers minus those intersections. Each pass is linear in the
+    number of extents, with no per-boundary walk: a file fragmented by years of copy-on-write
+    writes has hundreds of thousands of them.
     """
     a, b = _segments(old, size), _segments(new, size)
-    shared = {s for s in a if s[2] is not None}.intersection(b)
-    if shared:
-        a = [s for s in a if s not in shared]
-        b = [s for s in b if s not in shared]
-    return _pointwise_diff(a, b, size)
+    return _subtract(_union(a, b), _same_spans(a, b))
 
 
-def _pointwise_diff(a: list[Segment], b: list[Segment], size: int) -> list[Range]:
-    """The ranges where the coverage of two disjoint, ordered segment lists differs."""
-    changed = RangeList()
-    i = j = pos = 0
-    while pos < size:
-        while i < len(a) and a[i][1] <= pos:
+def _same_spans(a: list[Segment], b: list[Segment]) -> list[tuple[int, int]]:
+    """Sorted, disjoint spans that `a` and `b` map to the same physical bytes (comparably)."""
+    by_key: dict[int, tuple[list[int], list[int]]] = {}
+    for start, end, key in a:
+        if key is not None:
+            starts, ends = by_key.setdefault(key, ([], []))
+            starts.append(start)
+            ends.append(end)
+    out: list[tuple[int, int]] = []
+    for start, end, key in b:
+        if key is None or key not in by_key:
+            continue
+        starts, ends = by_key[key]
+        i = bisect_right(ends, start)  # the first old extent of this key ending after `start`
+        while i < len(starts) and starts[i] < end:
+            lo, hi = max(start, starts[i]), min(end, ends[i])
+            if lo < hi:
+                out.append((lo, hi))
             i += 1
-        while j < len(b) and b[j][1] <= pos:
-            j += 1
-        nxt = size
-        a_cov = i < len(a) and a[i][0] <= pos
-        b_cov = j < len(b) and b[j][0] <= pos
-        if i < len(a):
-            nxt = min(nxt, a[i][1] if a_cov else a[i][0])
-        if j < len(b):
-            nxt = min(nxt, b[j][1] if b_cov else b[j][0])
-        if a_cov and b_cov:
-            same = a[i][2] is not None and a[i][2] == b[j][2]
+    return out
+
+
+def _union(a: list[Segment], b: list[Segment]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, maximal spans covered by `a` or `b` (each sorted and disjoint)."""
+    out: list[tuple[int, int]] = []
+    for start, end, _ in heapq.merge(a, b, key=itemgetter(0)):
+        if out and start <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
         else:
-            same = not a_cov and not b_cov
-        if not same:
-            changed.add(pos, nxt - pos)
-        pos = nxt
-    return changed.ranges
+            out.append((start, end))
+    return out
+
+
+def _subtract(spans: list[tuple[int, int]], minus: list[tuple[int, int]]) -> list[Range]:
+    """(offset, length) of what `spans` cover outside `minus` (both sorted and disjoint)."""
+    out: list[Range] = []
+    j = 0
+    for start, end in spans:
+        pos = start
+        while j < len(minus) and minus[j][1] <= pos:
+            j += 1
+        k = j
+        while k < len(minus) and minus[k][0] < end:
+            lo, hi = minus[k]
+            if lo > pos:
+                out.append((pos, lo - pos))
+            pos = max(pos, hi)
+            k += 1
+        if pos < end:
+            out.append((pos, end - pos))
+    return out
