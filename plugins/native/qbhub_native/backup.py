@@ -22,7 +22,7 @@ from qubes_backup_hub.stream.base import VolumeStream
 
 from .blob import BlobType
 from .repository import Repository
-from .scan import WINDOW_CHUNKS, ChunkRanges, data_chunk_ranges, scan_ranges, windows
+from .scan import WINDOW_CHUNKS, ChunkRanges, Window, data_chunk_ranges, read_windows, scan_ranges
 from .session import VolumeRecord
 from .tree import ID_BYTES, ZERO_ID, Geometry, build_upper, encode_page, leaf_ids
 from .writer import BlobWriter
@@ -37,7 +37,7 @@ ChunkResult = tuple[int, bytes, Bytes | None, int]
 @dataclass
 class WindowResult:
     first_chunk: int
-    bytes_read: int
+    bytes_read: int  # bytes of the chunks processed (gap chunks read through not counted)
     chunks: list[ChunkResult]
 
 
@@ -111,7 +111,7 @@ class VolumeBackup:
         )
         self.progress.start(source.name, sum(b - a for a, b in ranges.ranges) * geometry.chunk_size)
         spans = data_chunk_ranges(stream, geometry, ranges.ranges)
-        for result in self._results(stream, geometry, windows(spans)):
+        for result in self._results(stream, geometry, read_windows(spans)):
             stats.bytes_read += result.bytes_read
             for index, blob_id, sealed, raw_length in result.chunks:
                 if sealed is not None and self.writer.add_sealed(
@@ -130,13 +130,13 @@ class VolumeBackup:
         return self.writer.add(BlobType.TREE, encode_page(level, entries))
 
     def _results(
-        self, stream: VolumeStream, geometry: Geometry, todo: Iterator[tuple[int, int]]
+        self, stream: VolumeStream, geometry: Geometry, todo: Iterator[Window]
     ) -> Iterator[WindowResult]:
         """Run windows on the pool, at most `max_in_flight` at once, yielding results in order."""
         in_flight: deque[Future[WindowResult]] = deque()
         try:
-            for first, count in todo:
-                in_flight.append(self.pool.submit(self._process, stream, geometry, first, count))
+            for window in todo:
+                in_flight.append(self.pool.submit(self._process, stream, geometry, window))
                 if len(in_flight) >= self.max_in_flight:
                     yield in_flight.popleft().result()
             while in_flight:
@@ -145,9 +145,9 @@ class VolumeBackup:
             for future in in_flight:
                 future.cancel()
 
-    def _process(
-        self, stream: VolumeStream, geometry: Geometry, first: int, count: int
-    ) -> WindowResult:
+    def _process(self, stream: VolumeStream, geometry: Geometry, window: Window) -> WindowResult:
+        """Read one window with a single request and process the chunks of its parts."""
+        first, count, parts = window
         c = geometry.chunk_size
         offset = first * c
         length = min(count * c, geometry.size - offset)
@@ -156,7 +156,13 @@ class VolumeBackup:
         try:
             if stream.read_into(view, offset) != length:
                 raise QbhubError(f"volume shrank while being read (short read at offset {offset})")
-            return WindowResult(first, length, self._chunks(view, first, count, c))
+            chunks: list[ChunkResult] = []
+            scanned = 0
+            for part_first, part_count in parts:
+                part = view[(part_first - first) * c :]
+                chunks += self._chunks(part, part_first, part_count, c)
+                scanned += min(part_count * c, len(part))
+            return WindowResult(first, scanned, chunks)
         finally:
             view.release()
             self.buffers.give(buf)

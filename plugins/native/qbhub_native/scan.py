@@ -10,6 +10,13 @@ from qubes_backup_hub.stream.base import VolumeStream
 from .tree import Geometry
 
 WINDOW_CHUNKS = 32  # chunks read and processed together (2 MiB at 64 KiB chunks)
+# Unchanged chunks read through (and not processed) between two scanned spans, rather than
+# issuing another read: an incremental after scattered writes touches many short spans a few
+# chunks apart, and one larger read costs less than several small ones (fewer requests through
+# the loop or thin device, one task and one buffer instead of several).
+READ_GAP_CHUNKS = 8
+
+Window = tuple[int, int, list[tuple[int, int]]]  # (first chunk, count, parts to process)
 
 
 def scan_ranges(
@@ -77,6 +84,29 @@ def windows(
             stop = min(end, (pos // window + 1) * window)
             yield pos, stop - pos
             pos = stop
+
+
+def read_windows(
+    spans: Iterable[tuple[int, int]], window: int = WINDOW_CHUNKS, gap: int = READ_GAP_CHUNKS
+) -> Iterator[Window]:
+    """Group chunk spans into reads of at most `window` chunks: (first, count, parts).
+
+    `parts` are the (first, count) pieces of the spans that the read covers, in order; the
+    chunks between two parts (at most `gap` in a row) are read but not processed. Every chunk of
+    every span lies in exactly one part, and parts hold nothing else.
+    """
+    parts: list[tuple[int, int]] = []
+    start = end = 0
+    for first, count in windows(spans, window):
+        if parts and first - end <= gap and first + count - start <= window:
+            parts.append((first, count))
+            end = first + count
+            continue
+        if parts:
+            yield start, end - start, parts
+        parts, start, end = [(first, count)], first, first + count
+    if parts:
+        yield start, end - start, parts
 
 
 class ChunkRanges:
