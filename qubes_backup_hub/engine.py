@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import pluggy
@@ -161,6 +161,13 @@ class Engine(ABC):
 
         raise UsageError("this engine cannot restore through a restore worker")
 
+    def open_volume(self, store: Store, session: str | None, name: str) -> VolumeReader:
+        """Random access to volume `name` of `session` (default: the newest holding it), for a
+        read-only view (`qbhub mount`): only the parts read are fetched, each authenticated."""
+        from .errors import UsageError
+
+        raise UsageError("this engine cannot give random access to an archived volume")
+
     @abstractmethod
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
         """Session `session` (default: newest): its ID, metadata and volumes with sizes, plus
@@ -171,6 +178,19 @@ class Engine(ABC):
         self, store: Store, session: str, name: str, write: Callable[[bytes], None]
     ) -> int:
         """Call `write` with the volume's bytes in order (zeros for holes); return the size."""
+
+
+class VolumeReader(Protocol):
+    """Random reads of one archived volume (Engine.open_volume)."""
+
+    session: str
+    size: int
+    chunks_fetched: int  # how many pieces were fetched from storage so far
+    bytes_fetched: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset` (fewer only at the end), authenticated."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ COMMANDS = {
     "restore": "cmd_hub:restore",
     "local": "cmd_local:local",
     "schedule": "cmd_schedule:schedule",
+    "mount": "cmd_mount:mount",
 }
 
 

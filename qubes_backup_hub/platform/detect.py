@@ -12,11 +12,16 @@ from .base import Platform
 QUBESD_SOCKET = Path("/var/run/qubesd.sock")
 
 
-def default_platform() -> Platform:
+def platform_choice() -> str:
     """$QBHUB_PLATFORM (`local` or `qubes`) if set, else `qubes` when qubesd runs here
-    ($QBHUB_QUBESD_SOCKET, else /var/run/qubesd.sock)."""
+    ($QBHUB_QUBESD_SOCKET, else /var/run/qubesd.sock), else `local`."""
     socket = Path(os.environ.get("QBHUB_QUBESD_SOCKET") or QUBESD_SOCKET)
-    choice = os.environ.get("QBHUB_PLATFORM") or ("qubes" if socket.exists() else "local")
+    return os.environ.get("QBHUB_PLATFORM") or ("qubes" if socket.exists() else "local")
+
+
+def default_platform() -> Platform:
+    """The platform platform_choice() names."""
+    choice = platform_choice()
     if choice == "qubes":
         from .qubes.platform import QubesPlatform
 

@@ -18,6 +18,7 @@ from .compare import compare_volume
 from .index_cache import cache_path
 from .limits import MAX_ROOT
 from .prune import choose_sessions, prune_archive
+from .reader import NativeVolumeReader
 from .repository import DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, Repository
 from .restore import VolumeRestore
 from .root import split_root
@@ -251,6 +252,11 @@ class NativeEngine(Engine):
             "metadata": record.metadata,
             "volumes": [{"name": v.name, "size": v.size} for v in record.volumes],
         }
+
+    def open_volume(self, store: Store, session: str | None, name: str) -> NativeVolumeReader:
+        repo = self._open(store)
+        record, volume = _find_volume(repo, name, session)
+        return NativeVolumeReader(repo, record.session_id, volume)
 
     def stream_volume(
         self, store: Store, session: str, name: str, write: Callable[[bytes], None]
