@@ -185,3 +185,23 @@ def test_session_notes_from_the_archive_are_made_printable() -> None:
     assert len(shown["comment"]) <= 1003 and shown["comment"].endswith("...")
     assert shown["tags"] == ["a\\x0ab"] and shown["vms"] == ["w\\x07"]
     assert summary(["not", "a", "dict"]) == {}
+
+
+def test_info_sums_the_archive(qbhub: Qbhub, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "disk.img", blocks=16, zero_fraction=0.0)
+    qbhub.run("init", "--dest", archive)
+    empty = qbhub.json("info", "--dest", archive)
+    assert empty["sessions"] == 0 and empty["original_bytes"] == 0
+    for _ in range(3):  # the same data three times: stored once
+        qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk")
+    info = qbhub.json("info", "--dest", archive)
+    size = image.stat().st_size
+    assert info["sessions"] == 3 and info["volumes"] == 1
+    assert info["original_bytes"] == 3 * size and info["newest_bytes"] == size
+    on_disk = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file())
+    assert info["archive_bytes"] <= on_disk
+    assert info["archive_bytes"] < 1.5 * size  # deduplicated: one copy, not three
+    assert info["saving"] > 0.5
+    text = qbhub.run("info", "--dest", archive).stdout
+    assert "3 sessions" in text and "saved by deduplication and compression" in text

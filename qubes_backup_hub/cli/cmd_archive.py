@@ -216,3 +216,39 @@ def prune(
         else eng.prune(store, sessions=[], keep_last=KEEP_EVERY_SESSION)
     )
     state.emit({**result, **plan}, fmt.prune_text)
+
+
+def archive_totals(listing: dict[str, Any]) -> dict[str, Any]:
+    """What an archive holds in all, from a list_sessions result (any engine): sessions, VMs,
+    volumes, the bytes the sessions describe (original), read, added, and the archive's size."""
+    sessions = listing["sessions"]
+    volumes = {v["name"] for s in sessions for v in s.get("volumes", [])}
+    vms = {vm for s in sessions for vm in s.get("vms", [])}
+    original = sum(v.get("size", 0) for s in sessions for v in s.get("volumes", []))
+    newest = sessions[-1] if sessions else None
+    archive = listing.get("archive_bytes", 0)
+    return {
+        **{k: v for k, v in listing.items() if k not in ("sessions", "human")},
+        "sessions": len(sessions),
+        "first_session": sessions[0]["session"] if sessions else None,
+        "newest_session": newest["session"] if newest else None,
+        "vms": sorted(vms),
+        "volumes": len(volumes),
+        "original_bytes": original,
+        "newest_bytes": sum(v.get("size", 0) for v in newest["volumes"]) if newest else 0,
+        "read_bytes": sum(s.get("bytes_read", 0) for s in sessions),
+        "added_bytes": sum(s.get("bytes_stored", 0) for s in sessions),
+        "archive_bytes": archive,
+        "saving": round(1 - archive / original, 4) if original else 0.0,
+    }
+
+
+@click.command()
+@archive_options
+def info(dest: str, engine: str, passphrase_file: Path | None, json_output: bool) -> None:
+    """The archive's totals: sessions, VMs, volumes; the bytes all sessions describe (original),
+    what the newest one describes, what backups read and added, and what the archive takes on
+    storage after deduplication and compression (as Borg's `info` sums them)."""
+    state = cli_state(json_output)
+    eng = state.engine(engine, passphrase_file)
+    state.emit(archive_totals(eng.list_sessions(state.store(dest), session=None)), fmt.info_text)

@@ -178,3 +178,21 @@ def settings_text(r: dict[str, Any]) -> str:
                     f"    volume {shown(str(volume.get('name')))}: {human_bytes(volume['size'])}"
                 )
     return "\n".join(lines)
+
+
+def info_text(r: dict[str, Any]) -> str:
+    lines = [
+        f"archive {r.get('archive_id', '?')}"
+        + (f", generation {r['generation']}" if "generation" in r else ""),
+        f"{r['sessions']} sessions ({r['first_session'] or '-'} .. {r['newest_session'] or '-'}), "
+        f"{len(r['vms'])} VMs, {r['volumes']} volumes",
+        f"  original size (every session)  {human_bytes(r['original_bytes']):>12}",
+        f"  newest session                 {human_bytes(r['newest_bytes']):>12}",
+        f"  read by backups                {human_bytes(r['read_bytes']):>12}",
+        f"  added by backups               {human_bytes(r['added_bytes']):>12}",
+        f"  archive on storage             {human_bytes(r['archive_bytes']):>12}"
+        f"  ({r['saving'] * 100:.1f}% saved by deduplication and compression)",
+    ]
+    if r["vms"]:
+        lines.append(f"  VMs: {', '.join(r['vms'])}")
+    return "\n".join(lines)

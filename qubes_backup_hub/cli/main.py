@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 COMMANDS = {
     "init": "cmd_archive:init",
     "list": "cmd_archive:list_cmd",
+    "info": "cmd_archive:info",
     "verify": "cmd_archive:verify",
     "prune": "cmd_archive:prune",
     "volume": "cmd_volume:volume",
