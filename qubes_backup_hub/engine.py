@@ -161,6 +161,20 @@ class Engine(ABC):
 
         raise UsageError("this engine cannot restore through a restore worker")
 
+    def export_key(self, store: Store) -> dict[str, Any]:
+        """What `key import` needs to repair the archive's key later ("header": bytes, plus the
+        archive's facts); it must be useless without the passphrase."""
+        from .errors import UsageError
+
+        raise UsageError("this engine cannot export its key")
+
+    def import_key(self, store: Store, header: bytes) -> dict[str, Any]:
+        """Repair the archive's key from an export (the passphrase from the context must open
+        the result, or nothing is written)."""
+        from .errors import UsageError
+
+        raise UsageError("this engine cannot import a key")
+
     def open_volume(self, store: Store, session: str | None, name: str) -> VolumeReader:
         """Random access to volume `name` of `session` (default: the newest holding it), for a
         read-only view (`qbhub mount`): only the parts read are fetched, each authenticated."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qubes_backup_hub.engine import Engine, EngineContext, ReadGrant, VolumeSource
-from qubes_backup_hub.errors import NotFoundError, UsageError
+from qubes_backup_hub.errors import IntegrityError, NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 from qubes_backup_hub.safety.rollback import LocalState
 from qubes_backup_hub.session_notes import summary
@@ -16,6 +16,14 @@ from qubes_backup_hub.store.base import Store
 from .archiver import run_session
 from .compare import compare_volume
 from .index_cache import cache_path
+from .key_backup import (
+    RootOverride,
+    check_export,
+    exported_header,
+    first_that_opens,
+    read_stored_root,
+    repair_candidates,
+)
 from .limits import MAX_ROOT
 from .prune import choose_sessions, prune_archive
 from .reader import NativeVolumeReader
@@ -220,6 +228,43 @@ class NativeEngine(Engine):
             repo = self._open(store, fresh=True)
             repo.rewrap(self.context.new_passphrase.get(confirm=True))
         return self._archive_info(repo)
+
+    def export_key(self, store: Store) -> dict[str, Any]:
+        self._refuse_if_granted()
+        repo = self._open(store)
+        if repo.header.wrapped_key is None:
+            raise UsageError("this archive is not encrypted: it has no key to export")
+        header = exported_header(repo.root_bytes)
+        return {**self._archive_info(repo), "format": repo.header.format, "header": header}
+
+    def import_key(self, store: Store, header: bytes) -> dict[str, Any]:
+        self._refuse_if_granted()
+        exported = check_export(header)
+        with store.lock():
+            stored = read_stored_root(store)
+            try:
+                current = split_root(stored)[1]
+            except IntegrityError:
+                current = None
+            if current is not None and current.archive_id != exported.archive_id:
+                raise UsageError(
+                    f"this export is of archive {exported.archive_id}, not of {current.archive_id}"
+                )
+            try:
+                self._open_with_passphrase(store)
+            except QbhubError:
+                pass  # damaged (or a wrong passphrase): try the export
+            else:
+                raise UsageError(
+                    "the archive's root opens with this passphrase: its key is intact, "
+                    "nothing to import"
+                )
+            repo = first_that_opens(
+                repair_candidates(stored, header),
+                lambda root: self._open_with_passphrase(cast(Store, RootOverride(store, root))),
+            )
+            repo.commit()
+        return {**self._archive_info(repo), "repaired": True}
 
     def archive_id(self, store: Store) -> str:
         data = store.get_root(MAX_ROOT)
