@@ -455,3 +455,18 @@ def test_a_backup_that_set_entries_aside_leaves_a_valid_cache(
     out = tmp_path / "out.img"
     qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", out)
     assert sha256(out) == sha256(image)
+
+
+def test_a_file_with_many_buckets_per_first_byte_finds_every_id(tmp_path: Path) -> None:
+    """Enough records for several buckets per first byte (found by bisection when written):
+    every ID is found in its bucket with its first location, repeated IDs included."""
+    objects = synthetic(13, 12, 2000)
+    indexes = listing(objects)
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+    assert cached.disk.layout.bits >= 10
+    ref = reference(objects, list(objects))
+    probes = [i for n in objects for i in ids_of(objects[n])] + [os.urandom(32) for _ in range(99)]
+    assert_same(cached, ref, probes)
+    buckets = cached.disk.buckets
+    assert all(buckets[b] <= buckets[b + 1] for b in range(len(buckets) - 1))
+    cached.close()

@@ -47,6 +47,7 @@ import secrets
 import struct
 import sys
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Container, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -201,7 +202,6 @@ class DiskIndex:
         """
         step = 1 << 14
         per_byte = 1 << (self.layout.bits - 8)
-        words = RECORD.size // 4
         for first in range(256):
             start, end = self.buckets[first * per_byte], self.buckets[(first + 1) * per_byte]
             for at in range(start, end, step):
@@ -210,18 +210,7 @@ class DiskIndex:
                 if len(raw) != n * RECORD.size or raw[:: RECORD.size] != bytes((first,)) * n:
                     raise IntegrityError("the index cache's records are out of order")
                 if remap is not None:
-                    values = array("I", raw)
-                    if sys.byteorder != "little":
-                        values.byteswap()
-                    try:
-                        values[8::words] = array("I", [remap[k] for k in values[8::words]])
-                    except IndexError:
-                        raise IntegrityError(
-                            "the index cache names a pack it does not hold"
-                        ) from None
-                    if sys.byteorder != "little":
-                        values.byteswap()
-                    raw = values.tobytes()
+                    raw = _renumbered(raw, remap)
                 spills[first].write(raw)
         return self.layout.records
 
@@ -525,10 +514,14 @@ def _spill(
             pack_no = seen.setdefault(table.pack, len(seen))
             records = table.records
             end = pack_ends.get(table.pack, 0)
+            pack = RECORD.pack
             for type_code, blob_id, offset, length, raw in ENTRY.iter_unpack(records):
-                packed = (min(type_code, TYPE_MAX) << RAW_BITS) | min(raw, RAW_MAX)
-                spills[blob_id[0]].write(RECORD.pack(blob_id, pack_no, offset, length, packed))
-                end = max(end, offset + length)
+                packed = ((type_code if type_code <= TYPE_MAX else TYPE_MAX) << RAW_BITS) | (
+                    raw if raw <= RAW_MAX else RAW_MAX
+                )
+                spills[blob_id[0]].write(pack(blob_id, pack_no, offset, length, packed))
+                if offset + length > end:
+                    end = offset + length
             pack_ends[table.pack] = end
             total += len(records) // ENTRY.size
     return pack_ends, total
@@ -544,38 +537,71 @@ def _write(
     spills: list[BinaryIO],
     total: int,
 ) -> None:
-    """Pass 2: each spill file sorted (first occurrence of an ID kept), renumbered, written."""
+    """Pass 2: each spill file sorted (first occurrence of an ID kept), renumbered, written.
+
+    Spill file k holds the IDs whose first byte is k, so it fills buckets k * 2^(bits-8) on;
+    their starts are found by bisection in the sorted part, not by a pass over its records.
+    """
     bits = fanout_bits(total)
     shift = 64 - bits
+    per_part = 1 << (bits - 8)
     buckets = array("I", [0]) * ((1 << bits) + 1)
     digest = covers_digest(archive_id, indexes)
     records_at = HEADER.size + len(buckets) * BUCKET.size + len(names) * PACK.size
     out.seek(records_at)
     written = 0
-    for spill in spills:
+    for first, spill in enumerate(spills):
         spill.flush()
         spill.seek(0)
         data = spill.read()
         spill.truncate(0)  # the spill files shrink as the file grows: disk peak ~ one copy
-        parts = [data[k : k + RECORD.size] for k in range(0, len(data), RECORD.size)]
+        parts = _sorted_first_occurrences(data)
         del data
-        parts.sort(key=lambda r: r[:32])  # stable: the first occurrence stays first
-        previous = b""
-        for rec in parts:
-            blob_id, seen_no, offset, length, packed = RECORD.unpack(rec)
-            if blob_id == previous:
-                continue
-            if seen_no >= len(remap):
-                raise IntegrityError("the index cache names a pack it does not hold")
-            previous = blob_id
-            out.write(RECORD.pack(blob_id, remap[seen_no], offset, length, packed))
-            buckets[(int.from_bytes(blob_id[:8], "big") >> shift) + 1] += 1
-            written += 1
-    for b in range(1, len(buckets)):
-        buckets[b] += buckets[b - 1]
+        if parts:
+            out.write(_renumbered(b"".join(parts), remap))
+        at = first * per_part
+        buckets[at] = written
+        lo = 0
+        for b in range(at + 1, at + per_part):
+            lo = bisect_left(parts, (b << shift).to_bytes(8, "big"), lo)
+            buckets[b] = written + lo
+        written += len(parts)
+    buckets[-1] = written
     out.seek(0)
     out.write(HEADER.pack(MAGIC, bits, written, len(names), len(indexes), digest))
     out.write(buckets.tobytes())
     for name in names:
         out.write(PACK.pack(bytes.fromhex(name[1:]), pack_ends[name]))
     out.seek(0, os.SEEK_END)
+
+
+def _sorted_first_occurrences(data: bytes) -> list[bytes]:
+    """The records of `data` sorted by ID, keeping only the first occurrence of each ID."""
+    size = RECORD.size
+    parts = [data[k : k + size] for k in range(0, len(data), size)]
+    parts.sort()  # by ID (then by the rest: only matters for a repeated ID, handled below)
+    ids = [r[:32] for r in parts]
+    if len(set(ids)) == len(ids):
+        return parts
+    parts = [data[k : k + size] for k in range(0, len(data), size)]
+    parts.sort(key=lambda r: r[:32])  # stable: the first occurrence stays first
+    kept: list[bytes] = []
+    for rec in parts:
+        if not kept or kept[-1][:32] != rec[:32]:
+            kept.append(rec)
+    return kept
+
+
+def _renumbered(records: bytes, remap: array[int]) -> bytes:
+    """`records` with each pack number k replaced by remap[k]."""
+    values = array("I", records)
+    if sys.byteorder != "little":
+        values.byteswap()
+    words = RECORD.size // 4
+    numbers = values[8::words]
+    if max(numbers) >= len(remap):
+        raise IntegrityError("the index cache names a pack it does not hold")
+    values[8::words] = array("I", map(remap.__getitem__, numbers))
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values.tobytes()
