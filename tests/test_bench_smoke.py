@@ -1,10 +1,12 @@
-"""Smoke test of bench/bench_native_vs_peers.py: a tiny run of every tool, end to end."""
+"""Smoke tests of the benchmarks: tiny runs of bench_native_vs_peers.py and bench_scattered.py."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,4 +82,30 @@ def test_bench_runs_all_tools(tmp_path: Path) -> None:
     assert output.count("TARGET ") == 6, output
     doc = json.loads(out.read_text())
     assert {c["status"] for c in doc["cases"]["dense"]["checks"]} == {"bit-exact"}
+    assert not list(tmp_path.glob("qbhub-bench-*")), "the workdir was not cleaned up"
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_scattered_bench_quick_mode(tmp_path: Path) -> None:
+    """bench_scattered.py --quick: a small ext4 image changed through a real mount, on xfs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mounts)")
+    for tool in ("restic", "mkfs.xfs", "mkfs.ext4", "losetup"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench_scattered.py"), "--quick", "--repeat", "2",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "restore check: bit-exact" in output, output
+    changed = re.search(r"changed: ([0-9.]+) MiB in ([0-9]+) ranges", output)
+    assert changed and float(changed[1]) > 1 and int(changed[2]) > 0, output
+    for line in ("reflink incremental", "full-scan incremental", "restic incremental", "Wyng"):
+        assert line in output, output
+    assert "(median of 2:" in output, output
+    assert "(reflink-xfs)" in output, output
     assert not list(tmp_path.glob("qbhub-bench-*")), "the workdir was not cleaned up"
