@@ -44,7 +44,18 @@ def test_state_round_trip(platform: LocalPlatform, tmp_path: Path) -> None:
         properties={"label": "blue", "netvm": "", "memory": 800, "debug": True, "vcpus": "2"},
         features={"service.cups": "1", "os": "Linux"},
         tags=["audit", "created-by-test"],
-        devices=[dict(options={}, required=True, backend="dom0", ident="2-1", **{"class": "usb"})],
+        devices=[
+            dict(options={}, required=True, backend="dom0", ident="2-1", **{"class": "usb"}),
+            # as Qubes 4.3 records it: a named device on any port, auto-attached
+            {
+                "class": "usb",
+                "backend": "dom0",
+                "ident": "*",
+                "device_id": "0781:5581:SanDisk",
+                "mode": "auto-attach",
+                "options": {},
+            },
+        ],  # fmt: skip
         firewall=["action=accept dsthost=example.com", "action=drop"],
         notes="my notes\nline two",
     )

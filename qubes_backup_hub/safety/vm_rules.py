@@ -211,11 +211,11 @@ def _check_devices(vm: str, devices: Any) -> None:
     if not isinstance(devices, list) or len(devices) > MAX_DEVICES:
         raise refuse(f"VM {vm}", "devices are not a list of a sane size")
     for device in devices:
-        if not _device_ok(device):
+        if not device_record_ok(device):
             raise refuse(f"VM {vm}", f"bad device assignment {repr(device)[:80]}")
 
 
-def _device_ok(device: Any) -> bool:
+def device_record_ok(device: Any) -> bool:
     """One assignment record: class, backend, port (`ident`), options, 4.2's `required` and
     4.3's `device_id` and `mode` (`required` and `mode` agree where both are given; without a
     mode, required=False reads as auto-attach). The port may be "*" (any port) only for a named

@@ -20,7 +20,6 @@ from typing import Any
 
 from ...errors import NotFoundError, QbhubError, UsageError
 from ...safety.vm_rules import (
-    DEVICE_CLASSES,
     FEATURE_KEY,
     MAX_NOTES,
     PROPERTIES,
@@ -29,6 +28,7 @@ from ...safety.vm_rules import (
     TAG,
     VM_NAME,
     VM_REF,
+    device_record_ok,
 )
 from ..base import LABELS, VM_CLASSES, VMSettings
 
@@ -296,17 +296,9 @@ def check_devices(devices: object) -> list[dict[str, Any]]:
     """Return the device assignments if each is a well-formed record, else raise UsageError."""
     checked: list[dict[str, Any]] = []
     for device in _list(devices, "devices"):
-        if (
-            not isinstance(device, dict)
-            or device.get("class") not in DEVICE_CLASSES
-            or not isinstance(device.get("backend"), str)
-            or not (device["backend"] == ADMIN_VM or VM_NAME.fullmatch(device["backend"]))
-            or not isinstance(device.get("ident"), str)
-            or not re.fullmatch(r"[a-zA-Z0-9:._-]{1,64}", device["ident"])
-            or not isinstance(device.get("options", {}), dict)
-            or not isinstance(device.get("required", False), bool)
-            or set(device) - {"class", "backend", "ident", "options", "required"}
-        ):
+        # The record as Qubes 4.2 (`required`) or 4.3 (`device_id`, `mode`) writes it, checked
+        # by the same rule the restore validator applies.
+        if not device_record_ok(device):
             raise UsageError(f"bad device assignment {str(device)[:80]}")
         _str_map(device.get("options", {}), "device options")
         checked.append(dict(device))
