@@ -55,7 +55,7 @@ def test_state_round_trip(platform: LocalPlatform, tmp_path: Path) -> None:
                 "mode": "auto-attach",
                 "options": {},
             },
-        ],  # fmt: skip
+        ],
         firewall=["action=accept dsthost=example.com", "action=drop"],
         notes="my notes\nline two",
     )
