@@ -248,7 +248,9 @@ def mib(n: float) -> float:
 
 
 def line(label: str, r: StepResult) -> str:
-    return f"{label:<26} {r.wall:7.2f} s {mib(r.peak_rss):8.1f} MiB"
+    """Wall time, CPU time (user + system: what a shared machine's load does not inflate) and
+    peak RSS of one step."""
+    return f"{label:<26} {r.wall:7.2f} s {r.cpu:6.2f} s cpu {mib(r.peak_rss):8.1f} MiB"
 
 
 def run(counts: list[int], keep: int, workdir: Path) -> dict[str, Any]:
@@ -273,8 +275,10 @@ def run(counts: list[int], keep: int, workdir: Path) -> dict[str, Any]:
             {
                 "sessions": have,
                 "list_wall": m["list"].wall,
+                "list_cpu": m["list"].cpu,
                 "list_rss": m["list"].peak_rss,
                 "backup_wall": m["backup"].wall,
+                "backup_cpu": m["backup"].cpu,
                 "backup_rss": m["backup"].peak_rss,
                 "root_bytes": m["root_bytes"],
                 "index_objects": m["index_objects"],
@@ -299,6 +303,7 @@ def run(counts: list[int], keep: int, workdir: Path) -> dict[str, Any]:
             "sessions_before": have,
             "kept": keep,
             "wall": pruned.wall,
+            "cpu": pruned.cpu,
             "peak_rss": pruned.peak_rss,
             "reclaimed": reclaimed,
             "list_wall_after": after["list"].wall,
