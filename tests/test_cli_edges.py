@@ -5,6 +5,7 @@ script can act on, and one clear line that names what the user typed (never an i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,25 @@ def test_info_sums_the_archive(qbhub: Qbhub, tmp_path: Path) -> None:
     assert info["saving"] > 0.5
     text = qbhub.run("info", "--dest", archive).stdout
     assert "3 sessions" in text and "saved by deduplication and compression" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_full_disk_names_the_target_not_a_temporary_file(qbhub: Qbhub, tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(4 << 20))
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=disk")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        full = qbhub.run("volume", "restore", "--dest", archive, "disk", "--to", small / "x.img",
+                         check=False)  # fmt: skip
+        assert full.returncode == 6
+        line = one_line(full.stderr)
+        assert f"cannot write {small / 'x.img'}: No space left on device" in line
+        assert "partial" not in line
+        assert os.listdir(small) == []  # the temporary file is gone too
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

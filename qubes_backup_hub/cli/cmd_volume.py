@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..engine import VolumeSource, engine_prepared
-from ..errors import NotFoundError, QbhubError, UsageError
+from ..errors import NotFoundError, QbhubError, StoreError, UsageError
 from ..progress import human_bytes
 from ..safety.names import check_session_id, check_volume_name
 from ..session_notes import make_notes
@@ -163,7 +163,12 @@ def restore(
     if not target.parent.is_dir():
         raise NotFoundError(f"cannot restore to {target}: directory {target.parent} does not exist")
     eng = state.engine(engine, passphrase_file)
-    result = eng.restore_volume(
-        state.store(dest), name, target, session=session, overwrite=overwrite
-    )
+    try:
+        result = eng.restore_volume(
+            state.store(dest), name, target, session=session, overwrite=overwrite
+        )
+    except OSError as exc:
+        # The engine wrote to a temporary file beside the target (and removed it): the error
+        # names the user's target, not that file.
+        raise StoreError(f"cannot write {target}: {exc.strerror or exc}") from None
     state.emit(result, fmt.restore_text)
