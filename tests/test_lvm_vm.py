@@ -181,7 +181,7 @@ def test_writes_during_the_backup_give_a_consistent_image(lvm_vm: TestVM) -> Non
 def fallback_setup(vm: TestVM, tag: str) -> tuple[str, str, str, str]:
     """A volume with one backup done (a kept view) and a change made since."""
     lv, name = f"vm-{tag}-private", f"{tag}-private"
-    path = make_volume(vm, lv, files=2)
+    path = make_volume(vm, lv, size=32 * MiB, files=2)
     dest = init_archive(vm, tag)
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
     write_files(vm, lv, ["changed"], 2)
@@ -234,7 +234,7 @@ def test_kept_snapshot_resized_falls_back_to_a_full_scan(lvm_vm: TestVM) -> None
     vm = lvm_vm
     lv, name, path, dest = fallback_setup(vm, "resized")
     (kept,) = kept_views(vm, lv)
-    sh(vm, f"lvextend --quiet --size +64M {VG}/{kept}")
+    sh(vm, f"lvextend --quiet --size +32M {VG}/{kept}")
     assert_full_scan_with_note(vm, dest, path, name, "was resized")
 
 
@@ -250,7 +250,7 @@ def test_kept_snapshot_replaced_falls_back_to_a_full_scan(lvm_vm: TestVM) -> Non
 
 def test_volume_reverted_by_qubes_falls_back_to_a_full_scan(lvm_vm: TestVM) -> None:
     vm, lv, name = lvm_vm, "vm-rev-private", "rev-private"
-    path = make_volume(vm, lv, files=2)
+    path = make_volume(vm, lv, size=32 * MiB, files=2)
     vid = f"{VG}/{lv}"
     sh(vm, f"{QUBES_LVM} start {vid}")  # a VM run that leaves a revision
     write_files(vm, f"{lv}-snap", ["run1"], 1)
@@ -291,11 +291,11 @@ def test_a_missed_change_is_caught(lvm_vm: TestVM) -> None:
     to already hold a change (so thin_delta cannot see it) makes the incremental skip it, and
     the full-scan comparison reports exactly that range."""
     vm, lv, name = lvm_vm, "vm-miss-private", "miss-private"
-    path = make_volume(vm, lv, files=1)
+    path = make_volume(vm, lv, size=32 * MiB, files=1)
     dest = init_archive(vm, "miss")
     assert backup(vm, dest, path, name)["provider"] == "full-scan"
     (kept,) = kept_views(vm, lv)
-    offset = 48 * MiB
+    offset = 24 * MiB
     sh(vm, f"head -c 65536 /dev/urandom | dd of={path} bs=64K seek={offset // 65536} "
            f"oflag=direct status=none\n"
            f"lvremove --quiet --force {VG}/{kept}\n"

@@ -123,6 +123,7 @@ class LvmThinProvider(SnapshotProvider):
         self.new_identity = -1
         self.new_size = 0
         self.drop_kept = False  # no snapshot could be made: the kept view is stale, drop it
+        self.kept_listed = True  # the kept view was in take()'s lvs (True: unknown, look)
 
     # -- the SnapshotProvider interface --------------------------------------------------------
 
@@ -134,6 +135,7 @@ class LvmThinProvider(SnapshotProvider):
         source = table.get(self.lv)
         if source is None or not source.is_thin_volume:
             return self._direct(f"{self.vg}/{self.lv} is not a thin volume")
+        self.kept_listed = self.kept_lv in table
         new_lv = new_name(self.lv, secrets.token_hex(4))
         try:
             self.runner.run(
@@ -174,7 +176,8 @@ class LvmThinProvider(SnapshotProvider):
         new_lv, self.new_lv = self.new_lv, None
         try:
             self.runner.run(["lvchange", "--activate", "n", f"{self.vg}/{new_lv}"])
-            self._remove_kept()
+            if self.kept_listed:  # (one made since would fail the rename: no silent loss)
+                self._remove_kept(look=False)
             self.runner.run(["lvrename", self.vg, new_lv, self.kept_lv])
         except BaseException:
             self.new_lv = new_lv
@@ -293,9 +296,11 @@ class LvmThinProvider(SnapshotProvider):
             note=f"{why}; reading the volume itself, whole",
         )
 
-    def _remove_kept(self) -> None:
+    def _remove_kept(self, look: bool = True) -> None:
+        """Remove the kept view if there is one (`look`: ask lvs first; else take()'s lvs
+        listed it, and an LVM command fewer is a second less per backup under emulation)."""
         with contextlib.suppress(UsageError):  # not there: nothing to remove
-            if self.kept_lv in self._lvs(f"{self.vg}/{self.kept_lv}"):
+            if not look or self.kept_lv in self._lvs(f"{self.vg}/{self.kept_lv}"):
                 self.runner.run(["lvremove", "--force", f"{self.vg}/{self.kept_lv}"])
 
     def _drop_kept_view(self) -> None:

@@ -21,7 +21,8 @@ from .vm import TestVM
 VG = "qubes_dom0"
 POOL = "vm-pool"
 ARCHIVE = "/srv/archive"
-QUBES_LVM = "python3 /mnt/qbhub/tests/testvm/qubes_lvm.py"
+# -I -S: only the standard library (no site-packages scan, no PYTHONPATH on the 9p mount).
+QUBES_LVM = "python3 -I -S /mnt/qbhub/tests/testvm/qubes_lvm.py"
 # LVM in the test VM, for speed: under software emulation each LVM command took 3-4 s, mostly
 # waiting for udev to run its rules on every device-mapper change; LVM makes the /dev nodes
 # itself instead, scans only the data disks, and keeps no metadata backups or dmeventd
