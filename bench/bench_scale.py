@@ -26,7 +26,8 @@ Measured at each size (the archive grows by adding bulk volumes, so every size r
 The steps are also measured once on the archive before any bulk data (``0`` chunks: the
 empty-archive reference for start-up). ``--attach`` measures the steps (not ``build``) on the
 archive an earlier run kept in ``--workdir`` (adding the small VM if it lacks it), e.g. after a
-large run was stopped.
+large run was stopped; the smallest of ``--sizes`` is what it holds, the archive then grows to
+the others.
 Each step reports wall time and peak RSS (``os.wait4`` of the child, and the PSS of its process
 tree, see measure.py); then a least-squares line per step and metric is extrapolated to 64M
 chunks (4 TiB of 64 KiB chunks). ``--drop-caches`` drops the page cache before each step (root).
@@ -314,12 +315,13 @@ def run(sizes: list[int], workdir: Path, drop: bool, attach: bool = False) -> di
     bench = Bench(workdir, drop)
     rows: list[dict[str, Any]] = []
     cache_bytes: dict[int, int] = {}
-    if attach:  # an archive an earlier run kept: measure it as it is
+    if attach:  # an archive an earlier run kept, holding min(sizes) chunks: measure, grow on
         bench.add_small_vm()
-        bench.chunks = max(sizes)
+        bench.chunks = min(sizes)
+        bench.tag = 1000 + len(list(bench.archive.rglob("i*")))  # bulk volumes named anew
         rows += rows_of(bench.chunks, bench.measure())
         cache_bytes[bench.chunks] = local_state_bytes(bench.home)
-        sizes = []
+        sizes = [n for n in sizes if n > bench.chunks]
     else:
         bench.setup()
         rows += rows_of(0, bench.measure())  # the empty-archive reference
@@ -396,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the archive here (default: a temp dir)")
     parser.add_argument("--drop-caches", action="store_true", help="drop the page cache per step")
     parser.add_argument("--json", type=Path, help="also write the numbers as JSON here")
-    parser.add_argument(
-        "--attach", action="store_true", help="measure the archive kept in --workdir (--sizes)"
-    )
+    parser.add_argument("--attach", action="store_true", help="continue the archive in --workdir")
     parser.add_argument("--restic-blobs", help="measure restic with this many blobs instead")
     opts = parser.parse_args(args)
     if opts.attach and not (opts.workdir and opts.sizes):
