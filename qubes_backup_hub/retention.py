@@ -14,6 +14,7 @@ states them:
 
 A session is kept if any rule keeps it; every rule counts its periods on its own (a session kept
 by ``--keep-daily`` still counts as that week's for ``--keep-weekly``), as restic counts them.
+Which session is newer is the archive's commit order, not the time in its ID (see `decide`).
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ class Decision:
 
     keep: dict[str, list[str]]  # session -> reasons, newest first
     drop: list[str]  # oldest first
+    out_of_order: list[str] = field(default_factory=list)  # time after a later commit's
 
     def as_dict(self) -> dict[str, object]:
         return {
             "keep": [{"session": s, "reasons": r} for s, r in self.keep.items()],
             "drop": list(self.drop),
+            "out_of_order": list(self.out_of_order),
         }
 
 
@@ -109,16 +112,25 @@ def session_time(session_id: str) -> datetime:
 
 
 def session_order(session_id: str) -> tuple[datetime, int]:
-    """Sort key: time, then the `-N` suffix of sessions made in the same second."""
+    """Sort key by the time a session ID names, then its `-N` suffix (for display only: which
+    session is newer is the archive's commit order, never the clock)."""
     suffix = session_id[17:] if len(session_id) > 16 else ""
     return session_time(session_id), int(suffix or 0)
 
 
 def decide(sessions: list[str], rules: Rules) -> Decision:
-    """Apply `rules` to `sessions` (any order); periods are in the local time zone."""
+    """Apply `rules` to `sessions`, given in the archive's commit order (oldest first, as
+    `list_sessions` gives them); periods are in the local time zone.
+
+    "Newest" and "last" follow commit order, and --keep-within counts back from the time of the
+    session committed last: a session whose ID time is off (made while the clock ran ahead, as
+    an untrusted clock source can make dom0's) can't push the real ones out of a window or a
+    count. Such sessions are listed in `out_of_order`.
+    """
     if not rules.given():
         raise UsageError("no retention rule given")
-    newest_first = sorted(set(sessions), key=session_order, reverse=True)
+    committed = list(dict.fromkeys(sessions))
+    newest_first = list(reversed(committed))
     reasons: dict[str, list[str]] = {s: [] for s in newest_first}
     if rules.last is not None:
         for n, s in enumerate(newest_first[: rules.last], 1):
@@ -138,6 +150,13 @@ def decide(sessions: list[str], rules: Rules) -> Decision:
             if period not in seen:
                 seen.append(period)
                 reasons[s].append(f"{rule} #{len(seen)}")
+    out_of_order = []
+    earliest_after: datetime | None = None
+    for s in newest_first:
+        t = session_time(s)
+        if earliest_after is not None and t > earliest_after:
+            out_of_order.append(s)
+        earliest_after = t if earliest_after is None else min(earliest_after, t)
     keep = {s: r for s, r in reasons.items() if r}
-    drop = [s for s in reversed(newest_first) if not reasons[s]]
-    return Decision(keep=keep, drop=drop)
+    drop = [s for s in committed if not reasons[s]]
+    return Decision(keep=keep, drop=drop, out_of_order=list(reversed(out_of_order)))

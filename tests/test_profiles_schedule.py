@@ -171,6 +171,19 @@ schedule = "*-*-* 03:15"
     assert failed.returncode == 7
     assert "`qbhub backup` failed (exit 7)" in failed.stderr
 
+    # Paths a unit file can't carry as they are (a newline would add a line of its own).
+    evil_home = str(tmp_path / "h\nExecStartPre=/usr/bin/touch /tmp/pwned\n#")
+    refused = platform.run("schedule", "install", "nightly", "--unit-dir", units, check=False,
+                           env={**env, "QBHUB_HOME": evil_home})  # fmt: skip
+    assert refused.returncode == 2 and "can't carry safely" in refused.stderr
+    assert "ExecStartPre" not in service.read_text()
+    writable = tmp_path / "loose.toml"
+    writable.write_text(Path(env["QBHUB_CONFIG"]).read_text())
+    writable.chmod(0o666)
+    loose = platform.run("schedule", "install", "nightly", "--unit-dir", units, "--system",
+                         check=False, env={**env, "QBHUB_CONFIG": str(writable)})  # fmt: skip
+    assert loose.returncode == 2 and "owned by root and writable by nobody else" in loose.stderr
+
     bad = platform.run("schedule", "install", "nightly", "--unit-dir", units,
                        "--on-calendar", "bogus", check=False, env=env)  # fmt: skip
     assert bad.returncode == 2 and "does not accept the calendar" in bad.stderr

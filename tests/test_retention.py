@@ -81,10 +81,25 @@ def test_keep_within_counts_from_the_newest_session_not_from_now() -> None:
 
 def test_keep_last_and_same_second_sessions() -> None:
     base = "20260101T000000Z"
-    sessions = [base, f"{base}-2", f"{base}-10", "20251231T235959Z"]
-    decision = decide(sessions, make_rules(last=2))
+    committed = ["20251231T235959Z", base, f"{base}-2", f"{base}-10"]  # the archive's order
+    decision = decide(committed, make_rules(last=2))
     assert list(decision.keep) == [f"{base}-10", f"{base}-2"]
     assert decision.drop == ["20251231T235959Z", base]
+
+
+def test_a_session_made_while_the_clock_ran_ahead_pushes_nothing_out() -> None:
+    """Newer means committed later: a session whose ID time is two years ahead (dom0's clock
+    comes from an untrusted VM) neither becomes "the newest" for --keep-within nor takes the
+    real sessions' places."""
+    committed = ["20261201T020000Z", "20261202T020000Z", "20281203T020000Z",
+                 "20261204T020000Z", "20261205T020000Z"]  # fmt: skip
+    within = decide(committed, make_rules(within="7d"))
+    assert within.drop == []  # every real session is within 7 days of the last committed one
+    assert within.out_of_order == ["20281203T020000Z"]
+    last = decide(committed, make_rules(last=2))
+    assert sorted(last.keep) == ["20261204T020000Z", "20261205T020000Z"]
+    daily = decide(committed, make_rules(daily=3))
+    assert "20261205T020000Z" in daily.keep and "20261204T020000Z" in daily.keep
 
 
 def test_hourly_groups_by_hour() -> None:
@@ -142,6 +157,16 @@ def test_prune_command_dry_run_refusal_and_rules(
     both = qbhub.run("prune", "--dest", archive, "--session", ids[0], "--keep-daily", "1",
                      check=False)  # fmt: skip
     assert both.returncode == 2 and "not both" in both.stderr
+
+    # A profile's rules give way to sessions named on the command line.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[profiles.p]\ndest = "{archive}"\nkeep-daily = 7\n')
+    named = qbhub.json("prune", "--profile", "p", "--session", ids[0], "--dry-run",
+                       env={"QBHUB_CONFIG": str(config)})  # fmt: skip
+    assert named["drop"] == [ids[0]]
+    other = qbhub.run("list", "--profile", "p", env={"QBHUB_CONFIG": str(config),
+                      "QBHUB_DEST": str(tmp_path / "elsewhere")}, check=False)  # fmt: skip
+    assert f"using QBHUB_DEST={tmp_path / 'elsewhere'}, not profile p's dest" in other.stderr
 
     kept = qbhub.json("prune", "--dest", archive, "--keep-within", "1h")
     assert kept["sessions_removed"] == [] and kept["drop"] == []

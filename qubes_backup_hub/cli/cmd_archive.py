@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..errors import IntegrityError, NotFoundError, UsageError
-from ..retention import Decision, decide, make_rules, session_order
+from ..retention import Decision, decide, make_rules
 from ..safety.names import check_session_id
 from . import format as fmt
 from .context import archive_options, cli_state
@@ -148,7 +148,8 @@ any rule keeps it, and dropped otherwise:
                       have a session, in local time
 
 Each rule counts its periods on its own: a session kept by --keep-daily still
-counts as its week's for --keep-weekly. --dry-run shows what would be dropped
+counts as its week's for --keep-weekly. Newer means committed later (the
+archive's order), whatever time a session's ID shows. --dry-run shows what would be dropped
 and why each other session stays. A prune that would drop every session is
 refused unless --delete-all says that is meant.
 """
@@ -179,6 +180,13 @@ def prune(
     state = cli_state(json_output)
     for s in sessions:
         check_session_id(s)
+    if sessions:  # sessions named here win over the rules a profile supplies
+        ctx = click.get_current_context()
+        keep = {
+            name: value
+            for name, value in keep.items()
+            if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT_MAP
+        }
     rules = make_rules(**{name.removeprefix("keep_"): value for name, value in keep.items()})
     if sessions and rules.given():
         raise UsageError("give either --session or retention rules (--keep-*), not both")
@@ -193,10 +201,9 @@ def prune(
             raise NotFoundError(f"no such session(s): {', '.join(missing)}")
         named = set(sessions)
         decision = Decision(
-            keep={s: ["not named"] for s in sorted(listed, key=session_order, reverse=True)
-                  if s not in named},
-            drop=sorted(named, key=session_order),
-        )  # fmt: skip
+            keep={s: ["not named"] for s in reversed(listed) if s not in named},
+            drop=[s for s in listed if s in named],
+        )
     else:
         decision = decide(listed, rules)
     if listed and not decision.keep and not delete_all:
@@ -204,7 +211,7 @@ def prune(
             f"this prune would drop every session ({len(listed)}); "
             "add --delete-all if that is what you mean"
         )
-    plan = {"dry_run": dry_run, **decision.as_dict()}
+    plan = {"dry_run": dry_run, **decision.as_dict(), "order": listed}
     if dry_run:
         state.emit(plan, fmt.prune_plan_text)
         return

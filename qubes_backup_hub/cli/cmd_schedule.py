@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,21 +67,44 @@ def check_calendar(spec: str) -> str:
     return spec
 
 
-def systemd_quote(text: str) -> str:
-    """`text` as one double-quoted word of a unit file (specifiers escaped)."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
-    return f'"{escaped}"'
+UNIT_SAFE_PATH = re.compile(r"/[A-Za-z0-9/._+@:,=-]*")
+
+
+def unit_path(path: str, what: str) -> str:
+    """`path` if a unit file can carry it as it is: absolute, only characters systemd takes
+    literally in ExecStart= and Environment= (no quotes, spaces, `%`, `$`, backslashes or
+    control characters, which could end the line or be expanded), else a usage error."""
+    if not UNIT_SAFE_PATH.fullmatch(path):
+        raise UsageError(
+            f"{what} {path!r} has characters a systemd unit can't carry safely: use a path of "
+            "letters, digits and / . _ + @ : , = -"
+        )
+    return path
+
+
+def check_root_config(path: Path) -> None:
+    """A system unit runs as root: its profile (which names a command to run) must be root's."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise UsageError(
+            f"a system timer runs as root, and {path} names commands it runs: it must be owned "
+            "by root and writable by nobody else (chown root; chmod go-w)"
+        )
 
 
 def unit_texts(profile: Profile, calendar: str, command: list[str]) -> tuple[str, str]:
     """The .service and .timer of `profile`."""
-    run = shlex.join([*command, "schedule", "run", profile.name]).replace("%", "%%")
-    environment = {"QBHUB_CONFIG": str(config_path().resolve())}
+    argv = [unit_path(command[0], "the qbhub command"), *command[1:], "schedule", "run",
+            check_profile_name(profile.name)]  # fmt: skip
+    run = " ".join(argv)  # every word is safe as it is (unit_path, check_profile_name)
+    environment = {"QBHUB_CONFIG": unit_path(str(config_path().resolve()), "the config file")}
     if os.environ.get("QBHUB_HOME"):
-        environment["QBHUB_HOME"] = str(Path(os.environ["QBHUB_HOME"]).resolve())
-    assignments = "\n".join(
-        f"Environment={systemd_quote(f'{k}={v}')}" for k, v in environment.items()
-    )
+        home = str(Path(os.environ["QBHUB_HOME"]).resolve())
+        environment["QBHUB_HOME"] = unit_path(home, "QBHUB_HOME")
+    assignments = "\n".join(f"Environment={k}={v}" for k, v in environment.items())
     service = f"""[Unit]
 Description=qbhub scheduled backup of profile {profile.name}
 After=network-online.target
@@ -166,6 +190,8 @@ def install(
     if not profile.get("dest"):
         raise UsageError(f"profile {profile_name} has no dest: a scheduled run needs one")
     as_user, directory = where(user, unit_dir)
+    if not as_user:
+        check_root_config(config_path())
     service, timer = unit_texts(profile, spec, qbhub_command())
     directory.mkdir(parents=True, exist_ok=True)
     base = directory / f"qbhub-{profile.name}"

@@ -110,6 +110,26 @@ def _set_state(attribute: str) -> Callable[[click.Context, click.Parameter, Any]
     return callback
 
 
+def _take_dest(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--dest into the state; say so when $QBHUB_DEST overrides the profile's dest."""
+    state = ctx.ensure_object(CliState)
+    profile = state.profile
+    source = ctx.get_parameter_source(param.name or "dest")
+    if (
+        profile is not None
+        and profile.get("dest")
+        and value != profile.get("dest")
+        and source == click.core.ParameterSource.ENVIRONMENT
+    ):
+        click.echo(
+            f"qbhub: using QBHUB_DEST={value}, not profile {profile.name}'s dest "
+            f"{profile.get('dest')}",
+            err=True,
+        )
+    state.dest = value
+    return value
+
+
 def top_command(ctx: click.Context) -> str:
     """The name of the command under `qbhub` that `ctx` runs in (`volume` for `volume backup`)."""
     while ctx.parent is not None and ctx.parent.parent is not None:
@@ -196,7 +216,7 @@ def archive_options(func: F) -> F:
         required=True,
         metavar="URL",
         envvar="QBHUB_DEST",
-        callback=_set_state("dest"),
+        callback=_take_dest,
         help="The archive: a directory path (or file://PATH), or qubes://BACKUPVM/NAME.",
     )(func)
     return profile_option(func)

@@ -8,7 +8,6 @@ from functools import wraps
 from typing import Any
 
 from ..progress import human_bytes
-from ..retention import session_order
 from ..safety.text import shown
 
 Renderer = Callable[[dict[str, Any]], str]
@@ -145,10 +144,16 @@ def prune_plan_text(r: dict[str, Any]) -> str:
     else:
         head = f"Nothing to prune: every one of the {len(r['keep'])} sessions is kept"
     lines = [head]
-    rows = [(k["session"], "keep", ", ".join(k["reasons"])) for k in r["keep"]]
-    rows += [(s, "drop", "no rule keeps it") for s in drop]
-    for session, verdict, why in sorted(rows, key=lambda row: session_order(row[0]), reverse=True):
-        lines.append(f"  {session:<20} {verdict}  {why}")
+    kept = {k["session"]: ", ".join(k["reasons"]) for k in r["keep"]}
+    skewed = set(r.get("out_of_order", []))
+    for session in reversed(r.get("order") or [*kept, *drop]):
+        verdict, why = ("keep", kept[session]) if session in kept else ("drop", "no rule keeps it")
+        note = (
+            "  (its time is after a later session's: was the clock ahead?)"
+            if session in skewed
+            else ""
+        )
+        lines.append(f"  {session:<20} {verdict}  {why}{note}")
     return "\n".join(lines)
 
 
