@@ -12,9 +12,11 @@ from .tree import Geometry
 WINDOW_CHUNKS = 32  # chunks read and processed together (2 MiB at 64 KiB chunks)
 # Unchanged chunks read through (and not processed) between two scanned spans, rather than
 # issuing another read: an incremental after scattered writes touches many short spans a few
-# chunks apart, and one larger read costs less than several small ones (fewer requests through
-# the loop or thin device, one task and one buffer instead of several).
-READ_GAP_CHUNKS = 8
+# chunks apart. Reading 64 KiB more costs about 0.1 ms at 600 MB/s, about what one more request
+# (an SSD's latency, one more task and buffer) costs, so only gaps of up to two chunks are read
+# through: on a file fragmented by 30,000 random 4 KiB writes, 6,542 reads become 1,355 for 35%
+# more bytes read.
+READ_GAP_CHUNKS = 2
 
 Window = tuple[int, int, list[tuple[int, int]]]  # (first chunk, count, parts to process)
 
