@@ -304,7 +304,9 @@ def run_bench(root: Path, fs: str, image: Path, change: object, args: argparse.N
         if args.profile:
             assert state is not None
             bench.dropper.drop()
-            spy = shutil.which("py-spy") or "/tmp/pyspy-inst/bin/py-spy"
+            spy = shutil.which("py-spy")
+            if spy is None:
+                raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
             run(spy, "record", "--format", "raw", "-r", "250", "--threads", "--nonblocking",
                 "-o", args.profile, "--", *bench.qbhub, "volume", "backup", "--dest", a,
                 f"{vol}=disk", env=bench.env)  # fmt: skip
