@@ -31,9 +31,10 @@ CHECKOUT = HERE.parent.parent
 QEMU = "qemu-system-x86_64"
 GUEST_ENV = {
     "PYTHONPATH": "/mnt/qbhub:/mnt/qbhub/plugins/native",
-    # The checkout is mounted read-only: bytecode goes to the VM's own (throwaway) root disk.
-    # Without it every Python process compiles qbhub's sources again.
-    "PYTHONPYCACHEPREFIX": "/var/cache/qbhub-pyc",
+    # Bytecode: the standard library's and the wheels' come with the image, qbhub's from the
+    # checkout's own __pycache__ directories, which `precompile_checkout` brings up to date on
+    # the host before a boot (the VM mounts the checkout read-only). A PYTHONPYCACHEPREFIX on the
+    # VM's throwaway disk, as before, made every boot compile all of it again under emulation.
     # New archives' passphrase KDF: scrypt N=2^10 instead of 2^17 (128 MiB, ~10 s under TCG
     # per command); only ever lowers the cost of archives the tests create.
     "QBHUB_TEST_KDF_LOG2_N": "10",
@@ -48,6 +49,10 @@ GUEST_ENV = {
 # every system call pays). The VM has no network, no swap and nothing to save at a crash.
 KERNEL_OPTIONS = "quiet panic=-1 mitigations=off nokaslr tsc=reliable no_timer_check"
 GUEST_TESTVM = "/mnt/qbhub/tests/testvm"
+# The emulated CPU (TCG): all qemu can emulate but fast-string moves and 5-level paging. With
+# ERMS the guest kernel and glibc copy with `rep movsb`, which TCG runs a byte per step: a 64 MiB
+# file read from the page cache took 2.8 s, without it 0.5 s. QBHUB_TESTVM_CPU overrides.
+TCG_CPU = os.environ.get("QBHUB_TESTVM_CPU", "max,-erms,-fsrm,-la57")
 FORK_SERVER = "/run/qbhub-fork.sock"
 
 
@@ -58,7 +63,8 @@ def cache_root() -> Path:
 def image_key() -> str:
     """A hash of everything that goes into the image: the build script and the guest files."""
     h = hashlib.sha256()
-    for path in [HERE / "build-image", *sorted((HERE / "guest").iterdir())]:
+    guest = sorted(p for p in (HERE / "guest").iterdir() if p.is_file())  # not a __pycache__
+    for path in [HERE / "build-image", *guest]:
         h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
@@ -91,6 +97,34 @@ def build_image(log: Path | None = None) -> Path:
             if old.is_dir() and old != target and len(old.name) == 16:
                 shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+# What runs in the VM from the checkout: compiled on the host for the VM's Python (Debian 12's
+# 3.11; bytecode is the same for every 3.11), checked against the sources' hashes there.
+PRECOMPILE = ("qubes_backup_hub", "plugins/native/qbhub_native", "tests/testvm", "bench")
+GUEST_PYTHON = (3, 11)
+
+
+def precompile_checkout() -> bool:
+    """Write the __pycache__ of the checkout's Python code that the VM runs (a second when it is
+    up to date). Needs a host Python of the VM's version; returns False when there is none (the
+    VM then compiles in memory, slower)."""
+    python = shutil.which("python3.11") or shutil.which("python3")
+    if python is None:
+        return False
+    argv = [python, "-c", f"import sys; sys.exit(sys.version_info[:2] != {GUEST_PYTHON})"]
+    if subprocess.run(argv, check=False).returncode != 0:
+        return False
+    paths = [str(CHECKOUT / p) for p in PRECOMPILE if (CHECKOUT / p).exists()]
+    done = subprocess.run(
+        # checked-hash: the VM checks each pyc against its source's hash, not its mtime (other
+        # work may edit the tree within the second a pyc was written).
+        # Not guest/: the image's files (its key is a hash of that directory).
+        [python, "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash",
+         "-x", "/guest/", *paths],
+        check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return done.returncode == 0
 
 
 def unavailable_reason() -> str | None:
@@ -151,6 +185,7 @@ class TestVM:
         share: Path = CHECKOUT,
         workdir: str | None = None,
         disk_cache: str = "unsafe",
+        images: Sequence[Path] = (),
     ) -> None:
         self.image = image
         self.memory_mib = memory_mib
@@ -158,6 +193,7 @@ class TestVM:
         self.disks_gib = list(disks_gib)
         self.share = share
         self.disk_cache = disk_cache  # "unsafe": fast tests; "none": no host page cache (bench)
+        self.images = list(images)  # read-only disks after the data disks (the bench's workload)
         self.tmp = Path(tempfile.mkdtemp(prefix="qbhub-testvm-", dir=workdir))
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
@@ -172,7 +208,7 @@ class TestVM:
         img = self.image
         argv = [
             QEMU, "-machine", f"q35,accel={self.accel}",
-            "-cpu", "host,-arch-capabilities" if self.accel == "kvm" else "max",
+            "-cpu", "host,-arch-capabilities" if self.accel == "kvm" else TCG_CPU,
             "-m", str(self.memory_mib), "-smp", str(self.cpus),
             "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
             "-append", f"root=/dev/vda rw console=ttyS0 init=/sbin/qbhub-init {KERNEL_OPTIONS}",
@@ -192,10 +228,13 @@ class TestVM:
                 "-drive",
                 f"file={disk},if=virtio,format=raw,cache={self.disk_cache},discard=unmap",
             ]
+        for image in self.images:
+            argv += ["-drive", f"file={image},if=virtio,format=raw,readonly=on,cache=none"]
         return argv
 
     def start(self, boot_timeout: float | None = None) -> TestVM:
         boot_timeout = boot_timeout or (90 if self.accel == "kvm" else 600)
+        precompile_checkout()
         log = open(self.tmp / "qemu.log", "wb")  # noqa: SIM115 - kept for the VM's life
         self.proc = subprocess.Popen(
             self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
@@ -222,6 +261,11 @@ class TestVM:
                 logs = self._logs()
                 self.stop()
                 raise GuestError(f"the VM's agent did not answer: {logs}")
+        trace = os.environ.get("QBHUB_TESTVM_TRACE")
+        if trace:
+            with open(trace, "a") as f:
+                secs = time.monotonic() - (deadline - boot_timeout)
+                f.write(f"{secs:8.2f} [boot: qemu started to agent answering]\n")
         return self
 
     def stop(self) -> None:
@@ -338,7 +382,7 @@ class TestVM:
     def qbhub_argv(self) -> list[str]:
         """The command line of `qbhub` in the VM (for shell scripts run there)."""
         if self.fork_server:
-            return ["python3", f"{GUEST_TESTVM}/qbhub_fork.py", FORK_SERVER]
+            return ["python3", "-I", "-S", f"{GUEST_TESTVM}/qbhub_fork.py", FORK_SERVER]
         return ["python3", "-m", "qubes_backup_hub"]
 
     def qbhub_json(self, *args: str, timeout: float = 600) -> dict[str, object]:
