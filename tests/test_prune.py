@@ -553,3 +553,48 @@ def test_a_crash_between_prune_steps_leaves_a_readable_archive(
     checked = arch.fresh_engine().verify(arch.store, quick=False)
     assert checked["damaged"] == [] and checked["unreferenced_objects"] == 0
     assert arch.restore(tmp_path, "disk", sessions[-1][0]) == sessions[-1][1]
+
+
+def test_prune_ignores_a_cache_file_another_command_put_in_its_place(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Between prune writing the index cache for its new root and reading which packs that root
+    references, another command (a reader of the older root) renames its own file over it. Prune
+    must not take the other file's packs for the referenced ones: the packs it just wrote stay,
+    the survivors restore bit-exact and verify is clean."""
+    import shutil
+
+    from qbhub_native import prune as prune_module
+    from qbhub_native.engine import INDEX_CACHE_DIR
+    from qbhub_native.index_cache import cache_path
+
+    arch = InProcess(tmp_path)
+    rng = random.Random(11)
+    disk = rng.randbytes(40 * SMALL_CHUNK)
+    sessions = []
+    for k in range(6):
+        at = k * SMALL_CHUNK
+        disk = disk[:at] + rng.randbytes(6 * SMALL_CHUNK) + disk[at + 6 * SMALL_CHUNK :]
+        sessions.append((arch.backup({"disk": disk}), disk))
+    repo = arch.repo()
+    repo.locator  # noqa: B018  (loads the index: the cache file now covers the old root)
+    path = cache_path(arch.home / INDEX_CACHE_DIR, repo.header.archive_id)
+    old_file = tmp_path / "old-root.idx"
+    shutil.copyfile(path, old_file)
+    real_build = prune_module.build_cache
+    replaced = []
+
+    def build_then_replace(target: Path, *args: Any, **kwargs: Any) -> None:
+        real_build(target, *args, **kwargs)
+        shutil.copyfile(old_file, target.with_suffix(".other"))
+        target.with_suffix(".other").rename(target)  # what the other command's rename does
+        replaced.append(target)
+
+    monkeypatch.setattr(prune_module, "build_cache", build_then_replace)
+    result = arch.fresh_engine().prune(arch.store, sessions=[], keep_last=2)
+    monkeypatch.undo()
+    assert replaced and result["packs_repacked"], result
+    for session, content in sessions[-2:]:
+        assert arch.restore(tmp_path, "disk", session) == content
+    checked = arch.fresh_engine().verify(arch.store, quick=False)
+    assert checked["damaged"] == [] and checked["unreferenced_objects"] == 0

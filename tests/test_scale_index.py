@@ -21,6 +21,8 @@ from qbhub_native.index import Index, PackTable
 from qbhub_native.index_cache import CachedIndex, DiskIndex, build_cache, open_cached
 from qbhub_native.pack import ENTRY
 
+from qubes_backup_hub.errors import IntegrityError
+
 ARCHIVE_ID = "ab" * 16
 
 
@@ -169,6 +171,39 @@ def test_a_damaged_or_foreign_file_is_rebuilt(tmp_path: Path, damage: str) -> No
     assert_same(cached, reference(objects, list(objects)), ids)
     cached.close()
     DiskIndex(path).close()  # sound again
+
+
+@pytest.mark.parametrize("replaced_times", [1, index_cache.REOPEN_TRIES + 1])
+def test_a_file_replaced_after_it_was_written_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replaced_times: int
+) -> None:
+    """Another command renames its own file (for another root: here a prefix) over the one just
+    built: open_cached writes it again rather than answer from the wrong root, and gives up with
+    one clear error when the file keeps being replaced."""
+    objects = synthetic(6, 4, 60)
+    indexes = listing(objects)
+    prefix_file = tmp_path / "prefix.idx"
+    build_cache(prefix_file, ARCHIVE_ID, indexes[:2], lambda n, _: objects[n])
+    real_build = index_cache.build_cache
+    calls = []
+
+    def build_then_replace(path: Path, *args: Any, **kwargs: Any) -> None:
+        real_build(path, *args, **kwargs)
+        calls.append(path)
+        if len(calls) <= replaced_times:
+            other = path.with_suffix(".other")
+            other.write_bytes(prefix_file.read_bytes())
+            os.replace(other, path)
+
+    monkeypatch.setattr(index_cache, "build_cache", build_then_replace)
+    if replaced_times > index_cache.REOPEN_TRIES:
+        with pytest.raises(IntegrityError, match="keeps being replaced"):
+            open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+        return
+    cached = open_cached(tmp_path, ARCHIVE_ID, indexes, lambda n, _: objects[n])
+    assert cached.disk.layout.covered == len(indexes) and len(calls) == 2
+    assert_same(cached, reference(objects, list(objects)), ids_of(objects[indexes[-1][0]]))
+    cached.close()
 
 
 def test_an_empty_archive_has_an_empty_cache(tmp_path: Path) -> None:

@@ -229,3 +229,46 @@ def test_shared_subtrees_carry_their_damage_to_every_session(tmp_path: Path) -> 
         assert in_memory[key] == result[key], key
     key_of = lambda d: (d["object"], d["problem"], tuple(d["sessions"]), tuple(d["volumes"]))  # noqa: E731
     assert sorted(map(key_of, in_memory["damaged"])) == sorted(map(key_of, result["damaged"]))
+
+
+@pytest.mark.parametrize("damage", ["missing", "shorter", "longer", "flipped"])
+def test_damaged_index_object_is_reported_though_the_cache_covers_it(
+    tmp_path: Path, qbhub: Qbhub, damage: str
+) -> None:
+    """The local index cache still knows what a lost index object held, so no blob lookup shows
+    the damage; verify checks the objects themselves (quick: stored, with a possible size; full:
+    read and authenticated) and attaches the damage to every session: on a machine without the
+    cache the archive no longer opens."""
+    archive = tmp_path / "archive"
+    image = write_image(tmp_path / "a.img", 20, seed=4)
+    qbhub.run("init", "--dest", archive)
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=a")
+    rewrite_blocks(image, [3])
+    qbhub.run("volume", "backup", "--dest", archive, f"{image}=a")
+    assert qbhub.json("verify", "--dest", archive)["damaged"] == []  # the cache is now whole
+    repo = open_repo(archive, tmp_path / "state2")
+    sessions = [ref.session_id for ref in repo.body.sessions]
+    name = repo.body.indexes[-1][0]
+    path = object_path(archive, name)
+    data = bytearray(path.read_bytes())
+    if damage == "missing":
+        path.unlink()
+    elif damage == "shorter":
+        path.write_bytes(bytes(data[:-1]))
+    elif damage == "longer":
+        path.write_bytes(bytes(data) + bytes(4096))
+    else:
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+
+    # Quick reads no index object: it sees one missing or longer than possible (older archives
+    # may hold compressed index objects, so a shorter one is possible); full reads each.
+    quick_sees = damage in ("missing", "longer")
+    modes = [[], ["--quick"]] if quick_sees else [[]]
+    for extra in modes:
+        result = run_verify(qbhub, archive, *extra)
+        found = entry(result, f"index object {name}")
+        assert found["sessions"] == sessions, found
+        assert result["damaged_count"] == 1, result["damaged"]
+    if not quick_sees:
+        assert qbhub.json("verify", "--dest", archive, "--quick")["damaged"] == []

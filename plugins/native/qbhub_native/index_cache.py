@@ -78,6 +78,7 @@ MAX_EXTRA_OBJECTS = 64
 MAX_EXTRA_ENTRIES = 1 << 17  # about 15 MB of RAM
 MAX_EXTRA_BYTES = MAX_EXTRA_ENTRIES * ENTRY.size
 TMP_MARK = ".tmp-index-"  # temporary files: TMP_MARK PID-RANDOM...
+REOPEN_TRIES = 3  # writes of the cache file before open_cached gives up on a contended one
 
 IndexList = list[tuple[str, int]]  # the root's index objects: (name, raw length)
 TableSource = Callable[[str, int], list[PackTable]]  # read one authenticated index object
@@ -356,7 +357,26 @@ def open_cached(
             disk.close()
     else:
         build_cache(path, archive_id, indexes, read_tables)
-    return CachedIndex(DiskIndex(path), Index())
+    for _ in range(REOPEN_TRIES):
+        # Another command may have renamed its own file (for another root) over ours since we
+        # wrote it: use the file only if it covers exactly this root's list, else write it again.
+        built = open_exact(path, archive_id, indexes)
+        if built is not None:
+            return CachedIndex(built, Index())
+        build_cache(path, archive_id, indexes, read_tables)
+    raise IntegrityError(
+        "the local index cache keeps being replaced by another qbhub command; try again"
+    )
+
+
+def open_exact(path: Path, archive_id: str, indexes: IndexList) -> DiskIndex | None:
+    """The cache file if it is sound and covers exactly `indexes`, else None (a file opened by
+    path may have been replaced by another process's since this one wrote it)."""
+    disk = _open_matching(path, archive_id, indexes)
+    if disk is not None and disk.layout.covered != len(indexes):
+        disk.close()
+        return None
+    return disk
 
 
 def _read_extra(rest: IndexList, read_tables: TableSource) -> Index | None:

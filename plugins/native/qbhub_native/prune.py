@@ -27,7 +27,7 @@ from qubes_backup_hub.errors import NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
 from .index import Index, PackTable, decode_index, encode_index, pad_index
-from .index_cache import TMP_MARK, DiskIndex, build_cache, cache_path
+from .index_cache import TMP_MARK, DiskIndex, build_cache, cache_path, open_exact
 from .limits import MAX_PACK
 from .livesets import grouped_entries, live_ids, whole_cache
 from .livesets import split_packs as split_by_pack
@@ -213,7 +213,8 @@ def _prune_on_disk(
         path = cache_path(directory, repo.header.archive_id)
         build_cache(path, repo.header.archive_id, list(repo.body.indexes),
                     lambda name, raw_length: tables.get(repo, name, raw_length))  # fmt: skip
-        new_cache = DiskIndex(path)
+        # None if another command replaced the file meanwhile: the objects are read again.
+        new_cache = open_exact(path, repo.header.archive_id, list(repo.body.indexes))
     except (OSError, QbhubError):
         new_cache = None
     finally:

@@ -1,8 +1,11 @@
 """Verifying an archive: every session record, every tree page, every referenced blob.
 
-Quick: authenticate the root, indexes, session records and all tree pages, and check that every
-referenced chunk is indexed and every indexed pack exists with a plausible size. Full: also read
-every pack whole, authenticate and decompress every indexed blob, and re-hash it against its ID.
+Quick: authenticate the root, session records and all tree pages, check that every index object
+the root lists exists with a possible size, that every referenced chunk is indexed and that every
+indexed pack exists with a plausible size. Full: also read and authenticate every index object
+(one at a time; lookups may come from the local index cache, which would still know what a lost
+index object held), read every pack whole, authenticate and decompress every indexed blob, and
+re-hash it against its ID.
 
 Verify does not stop at the first problem. It collects every damaged object (missing, truncated or
 tampered pack, blob that fails, tree page, session record, index object), maps each to the
@@ -322,6 +325,7 @@ def verify_archive(repo: Repository, *, quick: bool, progress: Progress) -> dict
         pages, chunks = walker.counts()
     finally:
         walker.close()
+    _check_index_objects(repo, sizes, report, quick=quick)
     for name, problem in getattr(repo, "index_problems", []):
         number = report.add(name, f"index object {name}", problem)
         for missing in walker.missing_from_index:
@@ -346,6 +350,43 @@ def verify_archive(repo: Repository, *, quick: bool, progress: Progress) -> dict
         result["blobs_verified"] = packs.blobs
         result["bytes_verified"] = groups.total
     return result
+
+
+def _check_index_objects(
+    repo: Repository, sizes: dict[str, int], report: DamageReport, *, quick: bool
+) -> None:
+    """Every index object the root lists must be stored with a possible size; full: each is also
+    read and authenticated. The index may have come from the local index cache, which still
+    knows what a lost object held: such damage shows on no blob, yet the archive no longer opens
+    on a machine without that cache, so it is attached to every session.
+
+    A TolerantRepository read every index object when it opened (its `index_problems`): those
+    that failed are reported by the caller with the blobs that lack them.
+    """
+    if isinstance(repo, TolerantRepository):
+        return
+    most = 1 + repo.sealer.overhead  # a stored index object: raw length + framing + sealing
+    for name, raw_length in repo.body.indexes:
+        size = sizes.get(name)
+        if size is None:
+            problem = "is missing"
+        elif size > raw_length + most or size < most:
+            problem = f"has an impossible size ({size} bytes for {raw_length} listed)"
+        elif quick:
+            continue
+        else:
+            try:
+                repo.index_object_tables(name, raw_length)
+                continue
+            except QbhubError as exc:
+                problem = str(exc)
+        number = report.add(
+            name,
+            f"index object {name}",
+            f"{problem}; the archive opens only where a local index cache still covers it",
+        )
+        for ref in repo.body.sessions:
+            report.attach(number, ref.session_id)
 
 
 class PackGroups:
