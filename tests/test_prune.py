@@ -598,3 +598,47 @@ def test_prune_ignores_a_cache_file_another_command_put_in_its_place(
         assert arch.restore(tmp_path, "disk", session) == content
     checked = arch.fresh_engine().verify(arch.store, quick=False)
     assert checked["damaged"] == [] and checked["unreferenced_objects"] == 0
+
+
+def test_a_pack_lost_before_its_repack_stops_prune_with_nothing_removed(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A pack that prune must repack (it holds kept data) is gone from storage: prune stops with
+    an error naming the pack and pointing at verify, before any new root; every session stays,
+    and once the pack is back a prune succeeds."""
+    from qbhub_native.limits import MAX_PACK
+
+    from qubes_backup_hub.errors import IntegrityError, NotFoundError
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    arch = InProcess(tmp_path)
+    rng = random.Random(12)
+    disk = rng.randbytes(40 * SMALL_CHUNK)
+    sessions = []
+    for k in range(5):
+        at = k * SMALL_CHUNK
+        disk = disk[:at] + rng.randbytes(6 * SMALL_CHUNK) + disk[at + 6 * SMALL_CHUNK :]
+        sessions.append((arch.backup({"disk": disk}), disk))
+    real_get = LocalDirStore.get
+    lost: list[str] = []
+
+    def get_losing_whole_packs(self: LocalDirStore, name: str, max_size: int) -> bytes:
+        if max_size == MAX_PACK:  # prune reads a pack whole only to repack it
+            lost.append(name)
+            raise NotFoundError(f"object {name} not found")
+        return real_get(self, name, max_size)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalDirStore, "get", get_losing_whole_packs)
+        with pytest.raises(IntegrityError) as caught:
+            arch.fresh_engine().prune(arch.store, sessions=[], keep_last=1)
+    message = str(caught.value)
+    assert lost and f"pack {lost[0]}" in message and "no session was removed" in message
+    assert "qbhub verify" in message and "\n" not in message
+    assert [r.session_id for r in arch.repo().body.sessions] == [s for s, _ in sessions]
+    for session, content in sessions:
+        assert arch.restore(tmp_path, "disk", session) == content
+    arch.fresh_engine().prune(arch.store, sessions=[], keep_last=1)
+    assert arch.restore(tmp_path, "disk", sessions[-1][0]) == sessions[-1][1]
+    checked = arch.fresh_engine().verify(arch.store, quick=False)
+    assert checked["damaged"] == [] and checked["unreferenced_objects"] == 0

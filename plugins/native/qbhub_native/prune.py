@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Container
+from collections.abc import Container, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubes_backup_hub.errors import NotFoundError, QbhubError, UsageError
+from qubes_backup_hub.errors import IntegrityError, NotFoundError, QbhubError, UsageError
 from qubes_backup_hub.progress import Progress
 
 from .index import Index, PackTable, decode_index, encode_index, pad_index
@@ -181,10 +181,7 @@ def _prune_on_disk(
             for k, entries in grouped_entries(split):
                 name = split.names[k]
                 if verdict[k] == 1:
-                    data = memoryview(repo.store.get(name, MAX_PACK))
-                    for e in entries:
-                        sealed = bytes(data[e.offset : e.offset + e.length])
-                        repo.codec.decode(e.type_code, e.blob_id, sealed, e.raw_length)
+                    for e, sealed in live_blobs(repo, name, entries):
                         writer.add_sealed(e.type_code, e.blob_id, sealed, e.raw_length)
                     progress.advance(sizes.get(name, 0))
                     continue
@@ -257,6 +254,27 @@ class Referenced(Container[str]):
         return self.cache is not None and self.cache.has_pack(name)
 
 
+def live_blobs(
+    repo: Repository, name: str, entries: list[PackEntry]
+) -> Iterator[tuple[PackEntry, bytes]]:
+    """The sealed live blobs of pack `name` to copy into new packs, each authenticated first.
+
+    A pack that is missing or damaged stops the prune before the new root is written (nothing
+    is lost): the message says so and points at `verify`, which names the sessions affected.
+    """
+    try:
+        data = memoryview(repo.store.get(name, MAX_PACK))
+        for e in entries:
+            sealed = bytes(data[e.offset : e.offset + e.length])
+            repo.codec.decode(e.type_code, e.blob_id, sealed, e.raw_length)  # authenticate
+            yield e, sealed
+    except QbhubError as exc:
+        raise IntegrityError(
+            f"pack {name}, which holds data of the sessions kept, cannot be read ({exc}); "
+            "no session was removed: run 'qbhub verify' to see which sessions are affected"
+        ) from exc
+
+
 def _referenced(repo: Repository, cache: DiskIndex | None) -> Referenced:
     indexes = {n for n, _ in repo.body.indexes}
     packs: set[str] = set()
@@ -287,10 +305,7 @@ def _prune_in_memory(
     committed = False
     try:
         for name, entries in todo.repack.items():
-            data = memoryview(repo.store.get(name, MAX_PACK))
-            for e in entries:
-                sealed = bytes(data[e.offset : e.offset + e.length])
-                repo.codec.decode(e.type_code, e.blob_id, sealed, e.raw_length)  # authenticate
+            for e, sealed in live_blobs(repo, name, entries):
                 writer.add_sealed(e.type_code, e.blob_id, sealed, e.raw_length)
             progress.advance(sizes.get(name, 0))
         writer.close()
