@@ -145,7 +145,7 @@ any rule keeps it, and dropped otherwise:
   --keep-hourly N, --keep-daily N, --keep-weekly N, --keep-monthly N,
   --keep-yearly N     the newest session of each of the N most recent hours,
                       days, ISO weeks (Monday first), months or years that
-                      have a session, in local time
+                      have a session, in local time ($TZ)
 
 Each rule counts its periods on its own: a session kept by --keep-daily still
 counts as its week's for --keep-weekly. Newer means committed later (the
