@@ -88,8 +88,44 @@ class ReadGrant:
     pinned_root: bytes
 
 
+@dataclass(frozen=True)
+class VMRestoreJob:
+    """A VM-level restore as dom0 asks a worker for it: the session (None: the newest), the VMs
+    (as the session names them), and whether to send settings without volume data."""
+
+    session: str | None
+    vms: list[str]
+    settings_only: bool = False
+
+
+class RestoreStream(Protocol):
+    """dom0's end of a worker that sends the strict restore stream (`safety.restore_channel`):
+    HEADER, then DATA frames carrying exactly the declared bytes, then END.
+
+    `sessions`: the archive's sessions as dom0 checked them against its rollback memory; the
+    header must name one of them (the one asked for, else the newest). `next_frame` returns the
+    next HEADER, DATA or END frame and raises QbhubError for anything else (a FAIL frame, a frame
+    over its size cap, the worker's end). `abort` kills the worker; `close` waits for its end.
+    """
+
+    sessions: list[str]
+
+    def next_frame(self) -> tuple[bytes, bytes]: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Engine(ABC):
-    """The operations a backup engine offers; every method returns a JSON-serialisable dict."""
+    """The operations a backup engine offers; every method returns a JSON-serialisable dict.
+
+    `restores_in_own_worker`: VM-level restores run in this engine's own worker
+    (`open_vm_restore`), not in the hub's restore worker with a read grant (`grant_read`): for
+    engines whose tool needs the passphrase to read.
+    """
+
+    restores_in_own_worker: bool = False
 
     @abstractmethod
     def init_archive(self, store: Store, *, encryption: bool) -> dict[str, Any]:
@@ -160,6 +196,16 @@ class Engine(ABC):
         from .errors import UsageError
 
         raise UsageError("this engine cannot restore through a restore worker")
+
+    def open_vm_restore(self, store: Store, job: VMRestoreJob) -> RestoreStream:
+        """Start this engine's own worker for a VM-level restore (`restores_in_own_worker`) and
+        return dom0's end of its restore stream, once dom0 has checked the worker's listing of
+        sessions against its rollback memory. The worker reads the session's settings document
+        and sends the header and volumes as the hub's restore worker does
+        (`workers.vm_stream.plan_vm_stream`); dom0 checks all of it as it checks that one's."""
+        from .errors import UsageError
+
+        raise UsageError("this engine has no restore worker of its own")
 
     def export_key(self, store: Store) -> dict[str, Any]:
         """What `key import` needs to repair the archive's key later ("header": bytes, plus the

@@ -192,8 +192,28 @@ def test_vm_backup_on_the_local_platform_keeps_volumes_and_settings(tmp_path: Pa
     restored = run("volume", "restore", "--dest", archive, "work:private", "--to", out)
     assert restored.returncode == 0, restored.stderr
     assert out.read_bytes() == private.read_bytes()
-    refused = run("restore", "--dest", archive, "work", "--rename", "work:work2")
-    assert refused.returncode == 2 and "not implemented yet" in refused.stderr
+    # VM level, through the Borg worker's own restore stream, checked by dom0 as the native one.
+    renamed = run("restore", "--dest", archive, "work", "--rename", "work:work2", "--json")
+    assert renamed.returncode == 0, renamed.stderr
+    assert json.loads(renamed.stdout)["vms"] == ["work2"]
+    listed = {vm["name"]: vm for vm in json.loads(run("local", "list", "--json").stdout)["vms"]}
+    copy = Path(next(v["path"] for v in listed["work2"]["volumes"] if v["name"] == "private"))
+    assert copy.read_bytes() == private.read_bytes()
+    assert listed["work2"]["class"] == "StandaloneVM"
+    assert listed["work2"]["properties"]["label"] == "red"
+    # --replace: the VM comes back as it was backed up; nothing is left of the holder.
+    with open(private, "r+b") as f:
+        f.write(b"changed after the backup")
+    replaced = run("restore", "--dest", archive, "work", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert private.read_bytes() == copy.read_bytes()
+    # Not found (exit 7), said in one line: a VM or a session the archive lacks.
+    for extra in (["nosuchvm"], ["work", "--session", "20200101T000000Z"]):
+        missing = run("restore", "--dest", archive, *extra, "--rename", "work:work3")
+        assert missing.returncode == 7, missing.stderr
+        assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    all_vms = run("restore", "--dest", archive, "--all")
+    assert all_vms.returncode == 2 and "name the VMs" in all_vms.stderr
 
 
 class FakeWorker:
@@ -267,28 +287,14 @@ def test_append_only_archives(tmp_path: Path) -> None:
     assert out.read_bytes() == disk.read_bytes()
 
 
-@needs_borg
-@pytest.mark.parametrize(
-    ("lie", "refusal"),
-    [
-        ("oversize", "more bytes than it declared"),
-        ("undersize", "sent 9 of 10"),
-        ("wrongname", "another volume"),
-        ("unsession", "did not expect"),
-        ("flood", "frame \\(limit"),
-    ],
-)
-def test_hostile_worker_restore_stream_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str, refusal: str
-) -> None:
-    """The real runner and sandboxes, with a worker that lies: nothing lands, nothing is left."""
+def hostile_borg_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, object]:
+    """An archive marker and an engine context whose Borg worker is tests/hostile_borg_worker.py,
+    started by the real runner in the real sandbox."""
     from qbhub_borg import runner
-    from qbhub_borg.engine import BorgEngine
 
     from qubes_backup_hub.engine import EngineContext
     from qubes_backup_hub.passphrase import PassphraseSource
     from qubes_backup_hub.registry import load_registry
-    from qubes_backup_hub.store.local import LocalDirStore
 
     tests_dir = Path(__file__).resolve().parent
     roots = runner.import_roots()
@@ -311,6 +317,71 @@ def test_hostile_worker_restore_stream_is_refused(
         state_dir=tmp_path / "home",
         progress=Progress(enabled=False),
     )
+    return archive, context
+
+
+@needs_borg
+@pytest.mark.parametrize(
+    ("lie", "refusal"),
+    [
+        ("othervm", "other VMs than asked for"),
+        ("unsession", "sent session"),
+        ("dom0net", "dom0"),
+        ("longer", "more bytes than its header declared"),
+        ("shorter", "shorter than its header declared"),
+        ("flood", "frame \\(limit"),
+    ],
+)
+def test_hostile_worker_vm_restore_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str, refusal: str
+) -> None:
+    """A VM-level restore from a Borg worker that lies: dom0's checks (the same as for the hub's
+    restore worker) refuse it, and the platform is as before: no VM created, no file left."""
+    from qbhub_borg.engine import BorgEngine
+
+    from qubes_backup_hub.errors import QbhubError
+    from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
+    from qubes_backup_hub.platform.base import VMSettings
+    from qubes_backup_hub.platform.local.platform import LocalPlatform
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    archive, context = hostile_borg_setup(tmp_path, monkeypatch)
+    platform = LocalPlatform(tmp_path / "platform")
+    platform.create_vm(VMSettings("fedora", "TemplateVM", properties={"label": "black"}), size=4096)
+    before = sorted(str(p) for p in (tmp_path / "platform").rglob("*") if "logs" not in p.parts)
+    with pytest.raises(QbhubError, match=refusal):
+        restore_vms(
+            platform,
+            LocalDirStore(archive),
+            context.hook,  # type: ignore[attr-defined]
+            BorgEngine(context),  # type: ignore[arg-type]
+            RestoreRequest(vms=[lie], engine="borg"),
+        )
+    assert [vm.name for vm in platform.list_vms()] == ["dom0", "fedora"]
+    after = sorted(str(p) for p in (tmp_path / "platform").rglob("*") if "logs" not in p.parts)
+    assert after == before
+
+
+@needs_borg
+@pytest.mark.parametrize(
+    ("lie", "refusal"),
+    [
+        ("oversize", "more bytes than it declared"),
+        ("undersize", "sent 9 of 10"),
+        ("wrongname", "another volume"),
+        ("unsession", "did not expect"),
+        ("flood", "frame \\(limit"),
+    ],
+)
+def test_hostile_worker_restore_stream_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str, refusal: str
+) -> None:
+    """The real runner and sandboxes, with a worker that lies: nothing lands, nothing is left."""
+    from qbhub_borg.engine import BorgEngine
+
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    archive, context = hostile_borg_setup(tmp_path, monkeypatch)
     target = tmp_path / "out" / "disk.img"
     target.parent.mkdir()
     with pytest.raises(IntegrityError, match=refusal):

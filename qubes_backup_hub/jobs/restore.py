@@ -11,6 +11,10 @@ reported first. Volume bytes are imported by exact length; anything after the la
 or long volume, or a worker failure aborts, and every VM this restore created is removed again.
 With --replace or --data-only (which touch existing VMs) the whole stream is first received and
 checked once without importing, and only then imported from a second run of the worker.
+
+An engine whose tool needs the passphrase to read (Borg) has no read grant to give: it restores
+in a worker of its own (`Engine.open_vm_restore`), whose listing of sessions dom0 checks against
+its rollback memory; the stream that worker sends is checked exactly as above.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import IO, Any, cast
 
 import pluggy
 
-from ..engine import Engine, ReadGrant
+from ..engine import Engine, ReadGrant, RestoreStream, VMRestoreJob
 from ..errors import IntegrityError, NotFoundError, QbhubError, UsageError
 from ..platform.base import Platform, ServiceProcess, VMSettings
 from ..progress import Progress
@@ -104,10 +108,17 @@ class WorkerChannel:
         store: Store,
         listing: dict[str, int],
         pinned_root: bytes,
+        sessions: list[str] | None = None,
     ) -> None:
         self.process, self.store = process, store
         self.listing, self.pinned_root = listing, pinned_root
-        self.pending = b""  # DATA bytes received but not consumed yet
+        self.sessions = sessions or []  # from the root dom0 authenticated (the grant's facts)
+
+    def abort(self) -> None:
+        self.process.kill()
+
+    def close(self) -> None:
+        self.process.wait(timeout=60)
 
     def start(self, job: dict[str, Any]) -> None:
         send(self.process.stdin, JOB, json.dumps(job).encode())
@@ -157,6 +168,18 @@ class WorkerChannel:
             raise UsageError(f"no object {name[:80]!r} in the archive")
         return size
 
+
+class FrameReader:
+    """Volumes and the end of any restore stream (the hub's worker's or an engine's own), read
+    by exact length: DATA bytes received but not consumed yet wait in `pending`."""
+
+    def __init__(self, stream: RestoreStream) -> None:
+        self.stream = stream
+        self.pending = b""
+
+    def next_frame(self) -> tuple[bytes, bytes]:
+        return self.stream.next_frame()
+
     def read_volume_into(self, size: int) -> IO[bytes]:
         """A reader of exactly the next `size` bytes (duck-typed as a binary file)."""
         return cast(IO[bytes], VolumeReader(self, size))
@@ -164,7 +187,7 @@ class WorkerChannel:
     def expect_end(self) -> None:
         if self.pending:
             raise IntegrityError("the restore stream carries more bytes than its header declared")
-        kind, _ = self.next_frame()
+        kind, _ = self.stream.next_frame()
         if kind != END:
             raise IntegrityError("the restore stream carries more bytes than its header declared")
 
@@ -172,7 +195,7 @@ class WorkerChannel:
 class VolumeReader:
     """A file-like object giving exactly `size` bytes of DATA, then end of file."""
 
-    def __init__(self, channel: WorkerChannel, size: int) -> None:
+    def __init__(self, channel: FrameReader, size: int) -> None:
         self.channel, self.left = channel, size
 
     def read(self, n: int = -1) -> bytes:
@@ -239,9 +262,9 @@ def parse_header(payload: bytes, request: RestoreRequest) -> RestoreHeader:
     return RestoreHeader(volumes=(), session=session, vms=tuple(vms))
 
 
-def check_asked_for(header: RestoreHeader, grant: ReadGrant, request: RestoreRequest) -> None:
-    """The header names the session dom0 expects and exactly the VMs the user asked for."""
-    sessions = grant.facts.sessions
+def check_asked_for(header: RestoreHeader, sessions: list[str], request: RestoreRequest) -> None:
+    """The header names the session dom0 expects (of `sessions`, the archive's as dom0 checked
+    them) and exactly the VMs the user asked for."""
     expected = request.session or (sessions[-1] if sessions else None)
     if header.session != expected or header.session not in sessions:
         raise IntegrityError(
@@ -311,15 +334,48 @@ def restore_vms(
         raise UsageError("--settings-only and --data-only exclude each other")
     for new in request.renames.values():
         check_vm_name(new, "--rename")
-    grant = engine.grant_read(store)
+    # An engine with a worker of its own checks the archive there (dom0 checks its listing).
+    grant = None if engine.restores_in_own_worker else engine.grant_read(store)
     if request.all_vms:  # the VMs the session holds, as dom0 itself reads them
         request = dataclasses.replace(request, vms=session_vms(engine, store, request.session))
     else:
         check_named_vms(engine, store, request)
-    listing = dict(store.list())
+    listing = dict(store.list()) if grant is not None else {}
+
+    def start() -> RestoreStream:
+        if grant is None:
+            job = VMRestoreJob(request.session, request.vms, request.settings_only)
+            return engine.open_vm_restore(store, job)
+        return _start_hub_worker(platform, store, grant, listing, request)
+
     if request.replace or request.data_only:
-        _run_worker(platform, store, hook, grant, listing, request, do_import=False)
-    return _run_worker(platform, store, hook, grant, listing, request, do_import=True)
+        _run_worker(platform, store, hook, start, request, do_import=False)
+    return _run_worker(platform, store, hook, start, request, do_import=True)
+
+
+def _start_hub_worker(
+    platform: Platform,
+    store: Store,
+    grant: ReadGrant,
+    listing: dict[str, int],
+    request: RestoreRequest,
+) -> WorkerChannel:
+    """The hub's restore worker in a new DispVM, running the engine with a read grant."""
+    job = {
+        "engine": request.engine,
+        "grant": grant.secret,
+        "session": request.session,
+        "vms": request.vms,
+        "settings_only": request.settings_only,
+    }
+    process = platform.dispvm_service(WORKER_SERVICE)
+    channel = WorkerChannel(process, store, listing, grant.pinned_root, list(grant.facts.sessions))
+    try:
+        channel.start(job)
+    except BaseException:
+        process.kill()
+        raise
+    return channel
 
 
 def check_named_vms(engine: Engine, store: Store, request: RestoreRequest) -> None:
@@ -375,32 +431,23 @@ def _run_worker(
     platform: Platform,
     store: Store,
     hook: pluggy.HookRelay,
-    grant: ReadGrant,
-    listing: dict[str, int],
+    start: Callable[[], RestoreStream],
     request: RestoreRequest,
     *,
     do_import: bool,
 ) -> dict[str, Any]:
     existing = {vm.name for vm in platform.list_vms()}
-    job = {
-        "engine": request.engine,
-        "grant": grant.secret,
-        "session": request.session,
-        "vms": request.vms,
-        "settings_only": request.settings_only,
-    }
-    process = platform.dispvm_service(WORKER_SERVICE)
-    channel = WorkerChannel(process, store, listing, grant.pinned_root)
+    stream = start()
+    channel = FrameReader(stream)
     created: list[str] = []
     held: list[HeldVM] = []
     removed: list[str] = []
     try:
-        channel.start(job)
         kind, payload = channel.next_frame()
         if kind != HEADER:
             raise IntegrityError("the restore stream does not start with a header")
         header = parse_header(payload, request)
-        check_asked_for(header, grant, request)
+        check_asked_for(header, stream.sessions, request)
         hook.qbhub_validate_restore(header=header)
         header = _renamed(header, request.renames)
         _check_plan(header, existing, request)
@@ -445,14 +492,14 @@ def _run_worker(
                 failed += [f"{vm.name}: {f}" for f in platform.apply_settings(_settings_of(vm))]
     except BaseException as exc:
         log.warning("restore failed (%s: %s); undoing it", type(exc).__name__, exc)
-        process.kill()
+        stream.abort()
         for name in reversed(created):
             with contextlib.suppress(QbhubError):
                 platform.remove_vm(name)
         _recover(platform, held, removed, exc, data_only=request.data_only)
         raise
     finally:
-        process.wait(timeout=60)
+        stream.close()
     leftover = release(platform, held)
     return {
         "session": header.session,
@@ -619,7 +666,7 @@ def _replace_plan(
     return order
 
 
-def _consume(channel: WorkerChannel, header: RestoreHeader, request: RestoreRequest) -> None:
+def _consume(channel: FrameReader, header: RestoreHeader, request: RestoreRequest) -> None:
     """Receive the whole stream without importing it: sizes exact, nothing after the end."""
     if not request.settings_only:
         for vm in header.vms:

@@ -12,8 +12,9 @@ pytest then runs every `test_*` below against it, through the real command line 
 qubes_backup_hub`, a fresh `$QBHUB_HOME` per test), so it checks the engine as users meet it:
 round trips bit-exact for zero, sparse, random and text-like volumes; several sessions and the
 restore of an older one; prune; verify; a backup killed while it writes leaving earlier
-sessions whole and the archive usable; and damage in storage (made by the engine's own
-`corrupt` helper) never going unnoticed. `EngineUnderTest.skip` names a reason to skip (a
+sessions whole and the archive usable; damage in storage (made by the engine's own `corrupt`
+helper) never going unnoticed; and VMs (on the LocalPlatform) restored with their settings
+under another name and onto an empty platform. `EngineUnderTest.skip` names a reason to skip (a
 missing tool).
 """
 
@@ -236,3 +237,44 @@ class EngineConformance:
         again = self.backup(qbhub, archive, disk)  # the archive is usable after the kill
         assert again != first
         self.engine.after_kill(qbhub.home)
+
+    def test_vms_restore_under_another_name_and_onto_an_empty_platform(
+        self, qbhub: Qbhub, archive: Path, tmp_path: Path
+    ) -> None:
+        """VM level on the LocalPlatform: two VMs backed up with their settings; one restored
+        beside itself under another name, then both onto an empty platform (a new $QBHUB_HOME
+        with only the archive and the passphrase, as in an emergency); volumes bit-exact,
+        settings as they were."""
+        local = {"QBHUB_PLATFORM": "local"}
+        qbhub.env.update(local)
+        for vm, *how in (
+            ("base", "--class", "TemplateVM", "--label", "black"),
+            ("work", "--class", "AppVM", "--template", "base", "--label", "blue"),
+        ):
+            qbhub.run("local", "vm-create", vm, *how, "--size", "4M")
+        listed = {vm["name"]: vm for vm in qbhub.json("local", "list")["vms"]}
+        paths = {
+            (vm, v["name"]): Path(v["path"])
+            for vm in ("base", "work")
+            for v in listed[vm]["volumes"]
+        }
+        for k, path in enumerate(paths.values()):
+            KINDS["text" if k % 2 else "random"](path, path.stat().st_size, 20 + k)
+        qbhub.run("backup", "--dest", archive, "base", "work")
+
+        renamed = qbhub.json("restore", "--dest", archive, "work", "--rename", "work:work-old")
+        assert renamed["vms"] == ["work-old"]
+        now = {vm["name"]: vm for vm in qbhub.json("local", "list")["vms"]}
+        assert now["work-old"]["properties"] == now["work"]["properties"]
+        for v in now["work-old"]["volumes"]:
+            assert Path(v["path"]).read_bytes() == paths[("work", v["name"])].read_bytes()
+
+        fresh = Qbhub(tmp_path / "empty-home", {**self.engine.extra_env, **local})
+        fresh.run("restore", "--dest", archive, "base", "work")
+        again = {vm["name"]: vm for vm in fresh.json("local", "list")["vms"]}
+        assert set(again) == {"dom0", "base", "work"}
+        for vm in ("base", "work"):
+            assert again[vm]["class"] == listed[vm]["class"]
+            assert again[vm]["properties"] == listed[vm]["properties"]
+            for v in again[vm]["volumes"]:
+                assert Path(v["path"]).read_bytes() == paths[(vm, v["name"])].read_bytes()

@@ -47,6 +47,7 @@ from ..safety.restore_channel import (
 )
 from ..store.base import Bytes, Store
 from ..store.qrexec import OP
+from .vm_stream import plan_vm_stream
 
 MAX_JOB = 64 * 1024
 SEED_ENV = "QBHUB_INDEX_CACHE_SEED"  # a read-only directory of dom0's index cache files
@@ -114,18 +115,6 @@ class RelayStore(Store):
         yield  # pragma: no cover
 
 
-def select_vms(metadata: dict[str, Any], wanted: list[str]) -> list[dict[str, Any]]:
-    """The VM documents of the session, restricted to `wanted` (all when empty)."""
-    vms = metadata.get("vms", [])
-    if not isinstance(vms, list):
-        raise QbhubError("the session's VM list is malformed")
-    by_name = {vm.get("name"): vm for vm in vms if isinstance(vm, dict)}
-    missing = [name for name in wanted if name not in by_name]
-    if missing:
-        raise QbhubError(f"no VM named {', '.join(missing)} in this session")
-    return [by_name[name] for name in wanted] if wanted else list(by_name.values())
-
-
 def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
     """Do one restore job: describe the session, then stream every selected volume."""
     store = RelayStore(requests, replies)
@@ -143,30 +132,17 @@ def run(job: dict[str, Any], requests: BinaryIO, replies: BinaryIO) -> None:
         )
         engine = registry.engine(str(job.get("engine", "native"))).create(context)
         info = engine.describe_session(store, job.get("session"))
-        vms = select_vms(info["metadata"], [str(v) for v in job.get("vms", [])])
-        header = {
-            "session": info["session"],
-            "settings_only": bool(job.get("settings_only")),
-            "vms": [
-                {
-                    "name": vm["name"],
-                    "class": vm["class"],
-                    "settings": vm["settings"],
-                    "volumes": [{"name": v["name"], "size": v["size"]} for v in vm["volumes"]],
-                }
-                for vm in vms
-            ],
-        }
-        send(requests, HEADER, json.dumps(header).encode())
-        if not job.get("settings_only"):
-            for vm in vms:
-                for volume in vm["volumes"]:
-                    engine.stream_volume(
-                        store,
-                        info["session"],
-                        volume["archive_name"],
-                        _data_writer(requests, store.channel_lock),
-                    )
+        plan = plan_vm_stream(
+            info["session"],
+            info["metadata"],
+            [str(v) for v in job.get("vms", [])],
+            settings_only=bool(job.get("settings_only")),
+        )
+        send(requests, HEADER, json.dumps(plan.header).encode())
+        for archive_name in plan.archive_names:
+            engine.stream_volume(
+                store, info["session"], archive_name, _data_writer(requests, store.channel_lock)
+            )
         send(requests, END)
         requests.flush()
 

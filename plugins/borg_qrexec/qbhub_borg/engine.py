@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from qubes_backup_hub.engine import Engine, EngineContext, VolumeSource
+from qubes_backup_hub.engine import Engine, EngineContext, VMRestoreJob, VolumeSource
 from qubes_backup_hub.errors import IntegrityError, NotFoundError, PassphraseError, UsageError
 from qubes_backup_hub.progress import human_bytes
 from qubes_backup_hub.safety.jsonlimits import loads_bounded
@@ -39,6 +39,7 @@ from .protocol import (
 from .receive import check_target, parse_header, receive_volume
 from .runner import WorkerSession
 from .sessions import next_session, session_key
+from .vm_restore import BorgRestoreStream
 
 CAPABILITIES = frozenset(
     {"encryption", "authentication", "incremental", "dedup", "rollback-detection", "prune",
@@ -402,14 +403,40 @@ class BorgEngine(Engine):
     def archive_id(self, store: Store) -> str:
         return self._marker(store).archive_id
 
-    def grant_read(self, store: Store) -> Any:
-        raise UsageError(
-            "VM-level restores from a Borg archive are not implemented yet; restore each volume "
-            "with `qbhub volume restore --dest DEST VM:VOLUME --to FILE`"
-        )
+    restores_in_own_worker = True  # borg reads only with the passphrase: no read grant
+
+    def open_vm_restore(self, store: Store, job: VMRestoreJob) -> BorgRestoreStream:
+        marker = self._marker(store)
+        stack = ExitStack()
+        try:
+            worker = stack.enter_context(self._worker(store, marker))
+            worker.start_job(
+                self._job(
+                    "restore_vms",
+                    session=job.session,
+                    vms=list(job.vms),
+                    settings_only=job.settings_only,
+                )
+            )
+
+            def answer(listed: list[str]) -> dict[str, Any]:
+                if job.session is not None and job.session not in listed:
+                    raise NotFoundError(f"no session {job.session} in the archive")
+                if not listed:
+                    raise NotFoundError("the archive holds no session yet")
+                return {"session": job.session or listed[-1]}
+
+            listed, _ = self._checked_listing(worker, marker, answer)  # type: ignore[arg-type]
+        except BaseException:
+            stack.close()
+            raise
+        return BorgRestoreStream(stack, worker, listed)
 
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
-        raise UsageError("VM-level restores with the borg engine are not implemented yet")
+        raise UsageError(
+            "dom0 cannot read a Borg session's VM list (only the worker can, with the "
+            "passphrase)"
+        )
 
     def stream_volume(self, store: Store, session: str, name: str, write: Any) -> int:
-        raise UsageError("VM-level restores with the borg engine are not implemented yet")
+        raise UsageError("the borg engine streams volumes only from its own worker")

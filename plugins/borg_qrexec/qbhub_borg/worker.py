@@ -23,8 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from qubes_backup_hub.errors import QbhubError
 from qubes_backup_hub.safety.names import SESSION_ID, VOLUME_NAME
 from qubes_backup_hub.safety.restore_channel import receive, send
+from qubes_backup_hub.workers.vm_stream import plan_vm_stream
 
 from .protocol import (
     DATA,
@@ -55,6 +57,10 @@ class WorkerError(Exception):
 
 class BadPassphrase(WorkerError):
     """borg refused the passphrase (dom0 reports it as a passphrase error, exit 5)."""
+
+
+class NotFound(WorkerError):
+    """The session lacks what was asked for (dom0 reports it as "not found", exit 7)."""
 
 
 def encode_comment(archive_id: str, volumes: list[tuple[str, int]]) -> str:
@@ -249,6 +255,40 @@ class Job:
         session, size = chosen
         header = {"session": session, "volumes": [{"name": name, "size": size}]}
         self.send(HEADER, json.dumps(header).encode())
+        self.stream_file(session, name)
+        self.send(END)
+
+    def op_restore_vms(self) -> None:
+        """A VM-level restore: the session dom0 names, the VMs' settings from the session's
+        settings document, then their volumes; the hub's restore stream, as its worker sends."""
+        self.listing()
+        session = self.answer.get("session")
+        if not isinstance(session, str) or not SESSION_ID.fullmatch(session):
+            raise WorkerError("dom0 named no session to restore")
+        raw = self.borg.run(["extract", "--stdout", f"::{session}", SESSION_DOC], "extract")
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise WorkerError(f"session {session}'s settings document is not JSON") from None
+        metadata = doc.get("metadata") if isinstance(doc, dict) else None
+        if not isinstance(metadata, dict) or not metadata.get("vms"):
+            raise NotFound(f"session {session} holds no VM (a backup of volumes only?)")
+        try:
+            plan = plan_vm_stream(
+                session,
+                metadata,
+                [str(v) for v in self.job.get("vms", [])],
+                settings_only=bool(self.job.get("settings_only")),
+            )
+        except QbhubError as exc:
+            raise NotFound(str(exc)) from None
+        self.send(HEADER, json.dumps(plan.header).encode())
+        for name in plan.archive_names:
+            self.stream_file(session, name)
+        self.send(END)
+
+    def stream_file(self, session: str, name: str) -> None:
+        """Send file `name` of Borg archive `session` as DATA frames, as borg extracts it."""
         proc = self.borg.start(["extract", "--stdout", f"::{session}", name])
         assert proc.stdout is not None and proc.stderr is not None
         errors: list[str] = []
@@ -257,7 +297,6 @@ class Job:
             self.send(DATA, block)
         watcher.join()
         self.borg.finish(proc, errors, "extract")
-        self.send(END)
 
     def op_list(self) -> dict[str, Any]:
         # read-only: one borg run gives both dom0's listing and the result
