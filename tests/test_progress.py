@@ -121,3 +121,65 @@ def test_vm_restore_draws_a_bar_per_volume(qbhub: Qbhub, tmp_path: Path) -> None
     os.close(leader)
     shown = b"".join(chunks).decode(errors="replace")
     assert "copy:private" in shown and "100.0%" in shown
+
+
+class Recording(Progress):
+    """A Progress that keeps every (done, worked) step instead of drawing."""
+
+    def __init__(self) -> None:
+        super().__init__(io.StringIO(), enabled=False)
+        self.steps: list[tuple[str, int, int, int]] = []
+
+    def advance(self, nbytes: int) -> None:
+        super().advance(nbytes)
+        self.steps.append((self.label, self.total, self.done, self.worked))
+
+    def skip(self, nbytes: int) -> None:
+        super().skip(nbytes)
+        self.steps.append((self.label, self.total, self.done, self.worked))
+
+
+def test_native_backup_and_restore_of_a_sparse_volume_skip_its_holes(tmp_path: Path) -> None:
+    """A volume of data, a 6 MiB hole, data, a hole: the bar passes each hole as it comes (no
+    jump from the data's share to 100% at the end), and only data counts toward the rate."""
+    from test_prune import InProcess
+
+    from types import SimpleNamespace
+
+    from qubes_backup_hub.engine import VolumeSource
+    from qubes_backup_hub.stream.file import FileVolumeStream
+
+    arch = InProcess(tmp_path)
+    chunk = 4096  # InProcess's chunk size
+    data = os.urandom(256 * chunk)
+    volume = data + bytes(1536 * chunk) + data + bytes(512 * chunk)
+    image = tmp_path / "sparse.img"
+    with open(image, "wb") as f:  # the zeros as holes (SEEK_DATA finds them)
+        f.write(data)
+        f.seek(1536 * chunk, os.SEEK_CUR)
+        f.write(data)
+        f.truncate(len(volume))
+    recording = Recording()
+    arch.context.progress = recording
+    arch.context.hook = SimpleNamespace(  # type: ignore[assignment]
+        qbhub_open_stream=lambda path: FileVolumeStream(path),
+        qbhub_validate_restore=lambda header: None,
+    )
+    engine = arch.fresh_engine()
+    session = str(engine.backup(arch.store, [VolumeSource("disk", str(image))])["session"])
+    steps = [s for s in recording.steps if s[0] == "disk"]
+    # Up to the last data, every byte was passed (finish() passes the trailing hole).
+    assert steps and steps[-1][2] == len(volume) - 512 * chunk
+    assert steps[-1][3] == 2 * len(data)  # only the data was worked
+    # When the second data part is first counted, the hole before it has been passed already.
+    second = next(s for s in steps if s[3] > len(data))
+    assert second[2] >= len(data) + 1536 * chunk
+    assert [s[2] for s in steps] == sorted(s[2] for s in steps)
+
+    recording.steps.clear()
+    restored = tmp_path / "out.img"
+    arch.fresh_engine().restore_volume(arch.store, "disk", restored, session=session,
+                                       overwrite=True)  # fmt: skip
+    assert restored.read_bytes() == volume
+    steps = [s for s in recording.steps if s[0] == "disk"]
+    assert steps[-1][2] == len(volume) and steps[-1][3] == 2 * len(data)

@@ -111,6 +111,7 @@ class VolumeBackup:
         )
         self.progress.start(source.name, sum(b - a for a, b in ranges.ranges) * geometry.chunk_size)
         spans = data_chunk_ranges(stream, geometry, ranges.ranges)
+        position = 0  # bytes of `ranges` the bar has passed: read, or skipped as holes
         for result in self._results(stream, geometry, read_windows(spans)):
             stats.bytes_read += result.bytes_read
             for index, blob_id, sealed, raw_length in result.chunks:
@@ -120,7 +121,13 @@ class VolumeBackup:
                     stats.chunks_new += 1
                     stats.bytes_new += len(sealed)
                 assembler.put(index, blob_id)
+            if result.chunks:  # holes before this window's first chunk: passed, not read
+                start = ranges.chunks_before(result.chunks[0][0]) * geometry.chunk_size
+                if start > position:
+                    self.progress.skip(start - position)
+                    position = start
             self.progress.advance(result.bytes_read)
+            position += result.bytes_read
         leaf_page_ids = assembler.finish()
         stats.tree = build_upper(leaf_page_ids, geometry, self._save_page).hex()
         self.progress.finish()

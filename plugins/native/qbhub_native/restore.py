@@ -170,7 +170,9 @@ class VolumeRestore:
                         length = volume.geometry.chunk_length(item)
                         if zero_fill:
                             os.pwrite(fd, zero[:length], item * chunk_size)
-                        self.progress.advance(length)
+                            self.progress.advance(length)
+                        else:
+                            self.progress.skip(length)  # a hole: the bar moves, not the rate
                         continue
                     in_flight.append(pool.submit(self._fetch_and_write, item, out, chunk_size))
                     if len(in_flight) > 2 * self.workers:

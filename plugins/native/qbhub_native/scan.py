@@ -117,6 +117,9 @@ class ChunkRanges:
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         self.ranges = ranges
         self.ends = [b for _, b in ranges]
+        self.sums = [0]  # sums[k]: chunks in ranges[:k]
+        for a, b in ranges:
+            self.sums.append(self.sums[-1] + b - a)
 
     def clip(self, first: int, end: int) -> Iterator[tuple[int, int]]:
         """The parts of the ranges inside [first, end), in order."""
@@ -128,3 +131,9 @@ class ChunkRanges:
     def touches(self, first: int, end: int) -> bool:
         """True if any range overlaps [first, end)."""
         return next(self.clip(first, end), None) is not None
+
+    def chunks_before(self, end: int) -> int:
+        """How many chunks of the ranges lie before chunk `end`."""
+        k = bisect_right(self.ends, end)  # ranges[:k] end at or before `end`
+        partial = max(0, end - self.ranges[k][0]) if k < len(self.ranges) else 0
+        return self.sums[k] + partial
