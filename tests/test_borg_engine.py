@@ -182,8 +182,16 @@ def test_vm_backup_on_the_local_platform_keeps_volumes_and_settings(tmp_path: Pa
     with open(private, "r+b") as f:
         f.write(os.urandom(100_000))
     assert run("init", "--engine", "borg", "--dest", archive).returncode == 0
-    backup = run("backup", "--dest", archive, "work", "--json")
+    backup = run("backup", "--dest", archive, "work", "--json", "--comment", "before upgrade",
+                 "--tag", "weekly")  # fmt: skip
     assert backup.returncode == 0, backup.stderr
+    # qbhub list shows what it shows for native sessions (from the encrypted archive comment).
+    listed_sessions = json.loads(run("list", "--dest", archive, "--json").stdout)["sessions"]
+    assert len(listed_sessions) == 1
+    one = listed_sessions[0]
+    assert one["engine"] == "borg" and one["vms"] == ["work"] and one["tags"] == ["weekly"]
+    assert one["comment"] == "before upgrade" and one["host"] and one["started"][:2] == "20"
+    assert one["bytes_read"] == sum(v["size"] for v in one["volumes"]) > 0
     assert {v["name"] for v in json.loads(backup.stdout)["volumes"]} == {
         "work:root",
         "work:private",

@@ -142,9 +142,9 @@ class Recording(Progress):
 def test_native_backup_and_restore_of_a_sparse_volume_skip_its_holes(tmp_path: Path) -> None:
     """A volume of data, a 6 MiB hole, data, a hole: the bar passes each hole as it comes (no
     jump from the data's share to 100% at the end), and only data counts toward the rate."""
-    from test_prune import InProcess
-
     from types import SimpleNamespace
+
+    from test_prune import InProcess
 
     from qubes_backup_hub.engine import VolumeSource
     from qubes_backup_hub.stream.file import FileVolumeStream

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from qubes_backup_hub.errors import IntegrityError, NotFoundError, PassphraseErr
 from qubes_backup_hub.progress import human_bytes
 from qubes_backup_hub.safety.jsonlimits import loads_bounded
 from qubes_backup_hub.safety.names import SESSION_ID
+from qubes_backup_hub.session_notes import summary
 from qubes_backup_hub.store.base import Store
 from qubes_backup_hub.store.local import LocalDirStore
 
@@ -67,6 +69,9 @@ def _volume_size(path: str) -> int:
         os.close(fd)
 
 
+BORG_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?")
+
+
 def _text(passphrase: bytes) -> str:
     """The passphrase as borg takes it (an environment variable): UTF-8 text."""
     try:
@@ -98,6 +103,26 @@ def _parse_listing(payload: bytes) -> list[str]:
     if len(set(names)) != len(names):
         raise IntegrityError("the borg worker's listing repeats a session")
     return sorted(names, key=session_key)
+
+
+def _notes(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What `qbhub list` shows of a session (`session_notes.summary`), in the metadata's own
+    shape (VMs as {"name"} documents) so that `summary` reads it back as it reads metadata."""
+    notes = summary(metadata)
+    if "vms" in notes:
+        notes["vms"] = [{"name": name} for name in notes["vms"]]
+    return notes
+
+
+def _times(archive: dict[str, Any]) -> dict[str, str]:
+    """The session's start and end as borg's worker reported them, to the second (borg's own
+    ISO times, in the worker's local time), if they look like times at all."""
+    out = {}
+    for key in ("started", "finished"):
+        value = archive.get(key)
+        if isinstance(value, str) and BORG_TIME.fullmatch(value):
+            out[key] = value[:19]
+    return out
 
 
 def _number(value: Any) -> int:
@@ -243,7 +268,14 @@ class BorgEngine(Engine):
             volumes=[(Path(v.path).resolve(), v.name) for v in volumes],
             session_doc=json.dumps(doc).encode(),
         ) as worker:
-            worker.start_job(self._job("backup", archive_id=marker.archive_id, volumes=sizes))
+            worker.start_job(
+                self._job(
+                    "backup",
+                    archive_id=marker.archive_id,
+                    volumes=sizes,
+                    notes=_notes(metadata or {}),
+                )
+            )
             listed, first = self._checked_listing(worker, marker, answer)  # type: ignore[arg-type]
             result = self._result(worker, "backup", sum(s for _, s in sizes))
         session = chosen["session"]
@@ -309,7 +341,7 @@ class BorgEngine(Engine):
             if session is not None and archive["session"] != session:
                 continue
             stats = archive.get("stats") if isinstance(archive.get("stats"), dict) else {}
-            volumes = [
+            volumes: list[dict[str, Any]] = [
                 {"name": str(v[0])[:128], "size": _number(v[1]), "bytes_stored": 0}
                 for v in archive.get("volumes") or []
                 if isinstance(v, list) and len(v) == 2
@@ -317,8 +349,12 @@ class BorgEngine(Engine):
             sessions.append(
                 {
                     "session": archive["session"],
+                    **_times(archive),
+                    "engine": "borg",
                     "volumes": volumes,
+                    "bytes_read": sum(int(v["size"]) for v in volumes),  # borg reads all
                     "bytes_stored": _number(stats.get("deduplicated_size")),  # type: ignore[union-attr]
+                    **summary(archive.get("notes")),  # checked and made printable here
                 }
             )
         if session is not None and not sessions:

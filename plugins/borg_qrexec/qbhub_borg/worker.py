@@ -63,9 +63,16 @@ class NotFound(WorkerError):
     """The session lacks what was asked for (dom0 reports it as "not found", exit 7)."""
 
 
-def encode_comment(archive_id: str, volumes: list[tuple[str, int]]) -> str:
-    """The archive comment: what the session holds (borg expands `{}` in comments: base64)."""
-    body = json.dumps({"archive_id": archive_id, "volumes": volumes}, separators=(",", ":"))
+def encode_comment(
+    archive_id: str, volumes: list[tuple[str, int]], notes: dict[str, Any] | None = None
+) -> str:
+    """The archive comment: what the session holds and what `qbhub list` shows of it (host,
+    comment, tags, VM names: `session_notes.summary`), so listing needs no extraction. Inside
+    Borg's encryption, like the rest of the archive's metadata. Base64: borg expands `{}`."""
+    doc: dict[str, Any] = {"archive_id": archive_id, "volumes": volumes}
+    if notes:
+        doc["notes"] = notes
+    body = json.dumps(doc, separators=(",", ":"))
     return base64.urlsafe_b64encode(body.encode()).decode()
 
 
@@ -227,7 +234,10 @@ class Job:
         self.listing()
         session = self.answer["session"]
         volumes = [(str(n), int(s)) for n, s in self.job["volumes"]]
-        comment = encode_comment(str(self.job["archive_id"]), volumes)
+        notes = self.job.get("notes")
+        comment = encode_comment(
+            str(self.job["archive_id"]), volumes, notes if isinstance(notes, dict) else None
+        )
         args = [
             "create", "--json", "--progress", "--read-special", "--sparse", "--noflags", "--noacls",
             "--noxattrs", "--chunker-params", CHUNKER, "--compression", COMPRESSION,
@@ -306,11 +316,15 @@ class Job:
         for archive in info.get("archives", []):
             if not isinstance(archive, dict) or not SESSION_ID.fullmatch(str(archive.get("name"))):
                 continue
+            comment = str(archive.get("comment", ""))
             archives.append(
                 {
                     "session": archive["name"],
                     "stats": archive.get("stats", {}),
-                    "volumes": session_volumes(str(archive.get("comment", ""))),
+                    "volumes": session_volumes(comment),
+                    "notes": (decode_comment(comment) or {}).get("notes", {}),
+                    "started": archive.get("start"),
+                    "finished": archive.get("end"),
                 }
             )
         return {"archives": archives, "repository": info.get("cache", {}).get("stats", {})}
