@@ -380,6 +380,19 @@ class InProcess:
         return target.read_bytes()
 
 
+def sliding_sessions(arch: InProcess, *, seed: int, count: int) -> list[tuple[str, bytes]]:
+    """`count` sessions of a 40-chunk volume "disk", each rewriting 6 chunks one further on
+    than the last (so sessions share most packs and prune has packs to repack)."""
+    rng = random.Random(seed)
+    disk = rng.randbytes(40 * SMALL_CHUNK)
+    sessions = []
+    for k in range(count):
+        at = k * SMALL_CHUNK
+        disk = disk[:at] + rng.randbytes(6 * SMALL_CHUNK) + disk[at + 6 * SMALL_CHUNK :]
+        sessions.append((arch.backup({"disk": disk}), disk))
+    return sessions
+
+
 def random_volumes(rng: random.Random, pool: list[bytes]) -> dict[str, bytes]:
     """A few volumes: random chunks, zero chunks, chunks reused from `pool`, clones."""
     out: dict[str, bytes] = {}
@@ -503,13 +516,7 @@ def test_a_crash_between_prune_steps_leaves_a_readable_archive(
     from qubes_backup_hub.store.local import LocalDirStore
 
     arch = InProcess(tmp_path)
-    rng = random.Random(9)
-    data = {"disk": rng.randbytes(40 * SMALL_CHUNK)}
-    sessions = []
-    for k in range(6):
-        data = {"disk": data["disk"][: k * SMALL_CHUNK] + rng.randbytes(6 * SMALL_CHUNK)
-                + data["disk"][(k + 6) * SMALL_CHUNK :]}  # fmt: skip
-        sessions.append((arch.backup(data), data["disk"]))
+    sessions = sliding_sessions(arch, seed=9, count=6)
 
     class Crash(Exception):
         pass
@@ -569,13 +576,7 @@ def test_prune_ignores_a_cache_file_another_command_put_in_its_place(
     from qbhub_native.index_cache import cache_path
 
     arch = InProcess(tmp_path)
-    rng = random.Random(11)
-    disk = rng.randbytes(40 * SMALL_CHUNK)
-    sessions = []
-    for k in range(6):
-        at = k * SMALL_CHUNK
-        disk = disk[:at] + rng.randbytes(6 * SMALL_CHUNK) + disk[at + 6 * SMALL_CHUNK :]
-        sessions.append((arch.backup({"disk": disk}), disk))
+    sessions = sliding_sessions(arch, seed=11, count=6)
     repo = arch.repo()
     repo.locator  # noqa: B018  (loads the index: the cache file now covers the old root)
     path = cache_path(arch.home / INDEX_CACHE_DIR, repo.header.archive_id)
@@ -612,13 +613,7 @@ def test_a_pack_lost_before_its_repack_stops_prune_with_nothing_removed(
     from qubes_backup_hub.store.local import LocalDirStore
 
     arch = InProcess(tmp_path)
-    rng = random.Random(12)
-    disk = rng.randbytes(40 * SMALL_CHUNK)
-    sessions = []
-    for k in range(5):
-        at = k * SMALL_CHUNK
-        disk = disk[:at] + rng.randbytes(6 * SMALL_CHUNK) + disk[at + 6 * SMALL_CHUNK :]
-        sessions.append((arch.backup({"disk": disk}), disk))
+    sessions = sliding_sessions(arch, seed=12, count=5)
     real_get = LocalDirStore.get
     lost: list[str] = []
 
