@@ -16,7 +16,7 @@ import pytest
 from qubes_backup_hub.errors import IntegrityError, RollbackError
 from qubes_backup_hub.platform.local.sandbox import Sandbox
 from qubes_backup_hub.progress import Progress
-from qubes_backup_hub.safety.restore_channel import DATA, END
+from qubes_backup_hub.safety.restore_channel import DATA, END, HEADER
 from qubes_backup_hub.safety.restore_header import RestoreHeader, RestoreVolume
 
 pytest.importorskip("qbhub_borg", reason="qbhub-borg is not installed")
@@ -398,3 +398,73 @@ def test_hostile_worker_restore_stream_is_refused(
         )
     assert list(target.parent.iterdir()) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("qbhub-borg-")]
+
+
+class ScriptedStream:
+    """A Borg-like restore stream: the worker's listing, then an honest stream of the session
+    the job names (else the newest listed); one 10-byte private volume per VM."""
+
+    def __init__(self, sessions: list[str], job: object) -> None:
+        self.sessions = sessions
+        session = getattr(job, "session", None) or sessions[-1]
+        vms = [
+            {"name": name, "class": "AppVM",
+             "settings": {"properties": {"label": "red", "template": "fedora"}},
+             "volumes": [{"name": "private", "size": 10}]}
+            for name in getattr(job, "vms", [])
+        ]  # fmt: skip
+        header = json.dumps({"session": session, "vms": vms}).encode()
+        data = [(DATA, session.encode()[:10])] * len(vms)
+        self.frames = [(HEADER, header), *data, (END, b"")]
+
+    def next_frame(self) -> tuple[bytes, bytes]:
+        return self.frames.pop(0)
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("flag", ["replace", "data_only"])
+def test_second_run_of_a_two_pass_restore_reads_the_session_the_first_checked(
+    tmp_path: Path, flag: str
+) -> None:
+    """--replace and --data-only receive the whole stream once before importing it from a second
+    run of the worker. An engine with a worker of its own lists the sessions again for that run:
+    a session committed in between (a concurrent backup, or a worker that says so) must not be
+    what the second run imports, unchecked; it reads the session the first run checked."""
+    from qubes_backup_hub.errors import UsageError
+    from qubes_backup_hub.jobs.restore import RestoreRequest, restore_vms
+    from qubes_backup_hub.platform.base import VMSettings
+    from qubes_backup_hub.platform.local.platform import LocalPlatform
+    from qubes_backup_hub.registry import load_registry
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    listings = [[S1], [S1, S2]]
+    jobs: list[object] = []
+
+    class OwnWorkerEngine:
+        restores_in_own_worker = True
+
+        def describe_session(self, store: object, session: str | None) -> dict[str, object]:
+            raise UsageError("only the worker reads sessions")
+
+        def open_vm_restore(self, store: object, job: object) -> ScriptedStream:
+            jobs.append(job)
+            return ScriptedStream(listings[len(jobs) - 1], job)
+
+    platform = LocalPlatform(tmp_path / "platform")
+    platform.create_vm(VMSettings("fedora", "TemplateVM", properties={"label": "black"}), size=4096)
+    props = {"label": "red", "template": "fedora"}
+    platform.create_vm(VMSettings("work", "AppVM", properties=props), size=4096)
+    result = restore_vms(
+        platform,
+        LocalDirStore(tmp_path),
+        load_registry().pm.hook,
+        OwnWorkerEngine(),  # type: ignore[arg-type]
+        RestoreRequest(vms=["work"], engine="borg", **{flag: True}),  # type: ignore[arg-type]
+    )
+    assert [getattr(job, "session", None) for job in jobs] == [None, S1]
+    assert result["session"] == S1

@@ -349,7 +349,10 @@ def restore_vms(
         return _start_hub_worker(platform, store, grant, listing, request)
 
     if request.replace or request.data_only:
-        _run_worker(platform, store, hook, start, request, do_import=False)
+        checked = _run_worker(platform, store, hook, start, request, do_import=False)
+        # The import reads the session just checked (`start` sees this request): an engine's
+        # own worker lists the sessions again, and one committed meanwhile is not the newest.
+        request = dataclasses.replace(request, session=checked["session"])
     return _run_worker(platform, store, hook, start, request, do_import=True)
 
 
