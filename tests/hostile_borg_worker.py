@@ -10,7 +10,17 @@ import json
 import sys
 from typing import BinaryIO
 
-from qbhub_borg.protocol import DATA, END, HEADER, JOB, LISTING, MAX_JOB, MAX_REPLY_JSON, REPLY
+from qbhub_borg.protocol import (
+    DATA,
+    END,
+    HEADER,
+    JOB,
+    LISTING,
+    MAX_JOB,
+    MAX_REPLY_JSON,
+    REPLY,
+    RESULT,
+)
 
 from qubes_backup_hub.safety.restore_channel import receive, send
 
@@ -39,6 +49,27 @@ def vm_restore(lie: str, out: BinaryIO) -> int:
     return 0
 
 
+def list_lie(lie: str, out: BinaryIO) -> int:
+    """A listing (op list) whose one session lies the way the passphrase names."""
+    archive: dict[str, object] = {
+        "session": SESSION,
+        "stats": {"deduplicated_size": 10},
+        "volumes": [["private", 10]],
+        "notes": {"host": "h", "comment": "c", "tags": ["t"], "vms": [{"name": "work"}]},
+    }
+    if lie == "escapes":
+        archive["volumes"] = [["\x1b[2J\x1b[1;1Hprivate", 10]]
+    elif lie == "huge":
+        archive["volumes"] = [["private", 10**400], ["root", 10**400]]
+        archive["stats"] = {"deduplicated_size": 10**400}
+    elif lie == "types":
+        archive["volumes"] = 5
+        archive["notes"] = {"host": 5, "comment": ["x"], "tags": "abc", "vms": {"a": 1}}
+    send(out, RESULT, json.dumps({"archives": [archive], "repository": {}}).encode())
+    out.flush()
+    return 0
+
+
 def main() -> int:
     out, inp = sys.stdout.buffer, sys.stdin.buffer
     _, payload = receive(inp, {JOB: MAX_JOB})
@@ -46,6 +77,13 @@ def main() -> int:
     send(out, LISTING, json.dumps({"sessions": [SESSION]}).encode())
     out.flush()
     receive(inp, {REPLY: MAX_REPLY_JSON})
+    if job.get("op") == "list":
+        return list_lie(str(job["passphrase"]), out)
+    if job.get("op") == "verify":  # damage, told with terminal escapes (or as a number)
+        problems = 5 if job["passphrase"] == "types" else ["\x1b[2J\x1b[1;1HArchive OK"]
+        send(out, RESULT, json.dumps({"ok": False, "problems": problems}).encode())
+        out.flush()
+        return 0
     if job.get("op") == "restore_vms":
         return vm_restore(str(job["vms"][0]), out)
     lie = job["volume"]

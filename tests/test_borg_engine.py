@@ -468,3 +468,50 @@ def test_second_run_of_a_two_pass_restore_reads_the_session_the_first_checked(
     )
     assert [getattr(job, "session", None) for job in jobs] == [None, S1]
     assert result["session"] == S1
+
+
+@needs_borg
+@pytest.mark.parametrize("lie", ["honest", "escapes", "huge", "types"])
+def test_hostile_worker_listing_prints_safely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str
+) -> None:
+    """`qbhub list` of a Borg archive shows what the worker relays of each session's comment
+    (a comment a compromised backup worker wrote): volume names with terminal escapes, sizes no
+    volume has, values of the wrong type. The listing is printable, bounded, and no traceback."""
+    from qbhub_borg.engine import BorgEngine
+
+    from qubes_backup_hub.cli.cmd_archive import archive_totals
+    from qubes_backup_hub.cli.format import list_text
+    from qubes_backup_hub.passphrase import PassphraseSource
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    archive, context = hostile_borg_setup(tmp_path, monkeypatch)
+    context = dataclasses.replace(context, passphrase=PassphraseSource(value=lie.encode()))  # type: ignore[type-var]
+    listing = BorgEngine(context).list_sessions(LocalDirStore(archive), session=None)  # type: ignore[arg-type]
+    text = list_text(listing)
+    assert all(line.isprintable() for line in text.splitlines()), text
+    assert len(text) < 2000, text
+    json.dumps(archive_totals(listing))
+    (session,) = listing["sessions"]
+    if lie == "honest":
+        assert session["vms"] == ["work"] and session["tags"] == ["t"], session
+        assert session["bytes_read"] == 10 and "private" in text, text
+
+
+@needs_borg
+@pytest.mark.parametrize("lie", ["escapes", "types"])
+def test_hostile_worker_verify_failure_prints_safely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str
+) -> None:
+    """The worker's account of damage reaches the terminal in the error line: escaped, and a
+    list of problems of the wrong type is no traceback."""
+    from qbhub_borg.engine import BorgEngine
+
+    from qubes_backup_hub.passphrase import PassphraseSource
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    archive, context = hostile_borg_setup(tmp_path, monkeypatch)
+    context = dataclasses.replace(context, passphrase=PassphraseSource(value=lie.encode()))  # type: ignore[type-var]
+    with pytest.raises(IntegrityError, match="borg check found damage") as caught:
+        BorgEngine(context).verify(LocalDirStore(archive), quick=True)  # type: ignore[arg-type]
+    assert str(caught.value).isprintable(), caught.value

@@ -21,6 +21,7 @@ from qubes_backup_hub.errors import IntegrityError, NotFoundError, PassphraseErr
 from qubes_backup_hub.progress import human_bytes
 from qubes_backup_hub.safety.jsonlimits import loads_bounded
 from qubes_backup_hub.safety.names import SESSION_ID
+from qubes_backup_hub.safety.text import shown
 from qubes_backup_hub.session_notes import summary
 from qubes_backup_hub.store.base import Store
 from qubes_backup_hub.store.local import LocalDirStore
@@ -125,8 +126,16 @@ def _times(archive: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+MAX_NUMBER = 1 << 62  # a byte count the worker reports; larger is a lie (and no float holds it)
+
+
 def _number(value: Any) -> int:
-    return value if type(value) is int and value >= 0 else 0
+    return value if type(value) is int and 0 <= value <= MAX_NUMBER else 0
+
+
+def _items(value: Any) -> list[Any]:
+    """A list the worker reports, or none if it sent something else."""
+    return value if isinstance(value, list) else []
 
 
 class BorgEngine(Engine):
@@ -335,15 +344,15 @@ class BorgEngine(Engine):
             listed, first = self._checked_listing(worker, marker)
             result = self._result(worker)
         sessions = []
-        for archive in result.get("archives") or []:
+        for archive in _items(result.get("archives")):
             if not isinstance(archive, dict) or archive.get("session") not in listed:
                 continue
             if session is not None and archive["session"] != session:
                 continue
             stats = archive.get("stats") if isinstance(archive.get("stats"), dict) else {}
             volumes: list[dict[str, Any]] = [
-                {"name": str(v[0])[:128], "size": _number(v[1]), "bytes_stored": 0}
-                for v in archive.get("volumes") or []
+                {"name": shown(str(v[0]), 128), "size": _number(v[1]), "bytes_stored": 0}
+                for v in _items(archive.get("volumes"))
                 if isinstance(v, list) and len(v) == 2
             ]
             sessions.append(
@@ -378,10 +387,10 @@ class BorgEngine(Engine):
             worker.start_job(self._job("verify", quick=quick))
             listed, first = self._checked_listing(worker, marker)
             result = self._result(worker)
-        problems = [str(p)[:300] for p in result.get("problems") or []][:50]
+        problems = [shown(str(p), 300) for p in _items(result.get("problems"))[:50]]
         if result.get("ok") is not True:
-            shown = problems[0] if problems else "borg check found problems"
-            raise IntegrityError(f"borg check found damage: {shown}")
+            told = problems[0] if problems else "borg check found problems"
+            raise IntegrityError(f"borg check found damage: {told}")
         mode = "quick" if quick else "full"
         return {
             **self._info(marker, listed, first),
