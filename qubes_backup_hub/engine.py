@@ -228,6 +228,15 @@ class Engine(ABC):
 
         raise UsageError("this engine cannot give random access to an archived volume")
 
+    def session_settings(self, store: Store, session: str | None) -> dict[str, Any]:
+        """For display (`list --settings`): {"session": ID, "vms": the VM documents the session
+        (default: newest) holds}. The default reads them with `describe_session`; an engine
+        that only its worker can read overrides it (what it returns is shown, never acted on)."""
+        described = self.describe_session(store, session)
+        metadata = described.get("metadata")
+        vms = metadata.get("vms", []) if isinstance(metadata, dict) else []
+        return {"session": described.get("session"), "vms": vms}
+
     @abstractmethod
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
         """Session `session` (default: newest): its ID, metadata and volumes with sizes, plus

@@ -192,6 +192,13 @@ def test_vm_backup_on_the_local_platform_keeps_volumes_and_settings(tmp_path: Pa
     assert one["engine"] == "borg" and one["vms"] == ["work"] and one["tags"] == ["weekly"]
     assert one["comment"] == "before upgrade" and one["host"] and one["started"][:2] == "20"
     assert one["bytes_read"] == sum(v["size"] for v in one["volumes"]) > 0
+    shown = json.loads(run("list", "--dest", archive, "--settings", "--json").stdout)
+    assert shown["session"] == one["session"] and [vm["name"] for vm in shown["vms"]] == ["work"]
+    assert shown["vms"][0]["settings"]["properties"]["label"] == "red"
+    text = run("list", "--dest", archive, "--settings").stdout
+    assert "work (StandaloneVM)" in text and "property label = red" in text
+    unknown = run("list", "--dest", archive, "--settings", "--session", "20200101T000000Z")
+    assert unknown.returncode == 7, unknown.stderr
     assert {v["name"] for v in json.loads(backup.stdout)["volumes"]} == {
         "work:root",
         "work:private",

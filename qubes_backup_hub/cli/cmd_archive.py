@@ -79,9 +79,7 @@ def list_cmd(
         check_session_id(session)
     eng = state.engine(engine, passphrase_file)
     if settings:
-        described = eng.describe_session(state.store(dest), session)
-        vms = described.get("metadata", {}).get("vms", [])
-        state.emit({"session": described.get("session"), "vms": vms}, fmt.settings_text)
+        state.emit(eng.session_settings(state.store(dest), session), fmt.settings_text)
         return
     state.emit(eng.list_sessions(state.store(dest), session=session), fmt.list_text)
 

@@ -115,6 +115,23 @@ def _notes(metadata: dict[str, Any]) -> dict[str, Any]:
     return notes
 
 
+class SessionChooser:
+    """dom0's answer to a worker's checked listing when it reads one session: the one asked
+    for, else the newest listed; "not found" (exit 7) when there is none such."""
+
+    def __init__(self, wanted: str | None) -> None:
+        self.wanted = wanted
+        self.chosen = ""
+
+    def __call__(self, listed: list[str]) -> dict[str, Any]:
+        if self.wanted is not None and self.wanted not in listed:
+            raise NotFoundError(f"no session {self.wanted} in the archive")
+        if not listed:
+            raise NotFoundError("the archive holds no session yet")
+        self.chosen = self.wanted or listed[-1]
+        return {"session": self.chosen}
+
+
 def _times(archive: dict[str, Any]) -> dict[str, str]:
     """The session's start and end as borg's worker reported them, to the second (borg's own
     ISO times, in the worker's local time), if they look like times at all."""
@@ -464,23 +481,28 @@ class BorgEngine(Engine):
                 )
             )
 
-            def answer(listed: list[str]) -> dict[str, Any]:
-                if job.session is not None and job.session not in listed:
-                    raise NotFoundError(f"no session {job.session} in the archive")
-                if not listed:
-                    raise NotFoundError("the archive holds no session yet")
-                return {"session": job.session or listed[-1]}
-
-            listed, _ = self._checked_listing(worker, marker, answer)  # type: ignore[arg-type]
+            chooser = SessionChooser(job.session)
+            listed, _ = self._checked_listing(worker, marker, chooser)  # type: ignore[arg-type]
         except BaseException:
             stack.close()
             raise
         return BorgRestoreStream(stack, worker, listed)
 
+    def session_settings(self, store: Store, session: str | None) -> dict[str, Any]:
+        """The worker reads the session's settings document; dom0 only shows it (escaped)."""
+        marker = self._marker(store)
+        with self._worker(store, marker) as worker:
+            worker.start_job(self._job("settings"))
+
+            chooser = SessionChooser(session)
+            self._checked_listing(worker, marker, chooser)  # type: ignore[arg-type]
+            result = self._result(worker)
+        vms = result.get("vms")
+        return {"session": chooser.chosen, "vms": vms if isinstance(vms, list) else []}
+
     def describe_session(self, store: Store, session: str | None) -> dict[str, Any]:
         raise UsageError(
-            "dom0 cannot read a Borg session's VM list (only the worker can, with the "
-            "passphrase)"
+            "dom0 cannot read a Borg session's VM list (only the worker can, with the passphrase)"
         )
 
     def stream_volume(self, store: Store, session: str, name: str, write: Any) -> int:

@@ -268,6 +268,24 @@ class Job:
         self.stream_file(session, name)
         self.send(END)
 
+    def op_settings(self) -> dict[str, Any]:
+        """The VM documents of the session dom0 names (for `list --settings`: shown only)."""
+        self.listing()
+        session = self.answer.get("session")
+        if not isinstance(session, str) or not SESSION_ID.fullmatch(session):
+            raise WorkerError("dom0 named no session")
+        return {"session": session, "vms": self.session_metadata(session).get("vms", [])}
+
+    def session_metadata(self, session: str) -> dict[str, Any]:
+        """The metadata of the session's settings document (inside its Borg archive)."""
+        raw = self.borg.run(["extract", "--stdout", f"::{session}", SESSION_DOC], "extract")
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise WorkerError(f"session {session}'s settings document is not JSON") from None
+        metadata = doc.get("metadata") if isinstance(doc, dict) else None
+        return metadata if isinstance(metadata, dict) else {}
+
     def op_restore_vms(self) -> None:
         """A VM-level restore: the session dom0 names, the VMs' settings from the session's
         settings document, then their volumes; the hub's restore stream, as its worker sends."""
@@ -275,13 +293,8 @@ class Job:
         session = self.answer.get("session")
         if not isinstance(session, str) or not SESSION_ID.fullmatch(session):
             raise WorkerError("dom0 named no session to restore")
-        raw = self.borg.run(["extract", "--stdout", f"::{session}", SESSION_DOC], "extract")
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise WorkerError(f"session {session}'s settings document is not JSON") from None
-        metadata = doc.get("metadata") if isinstance(doc, dict) else None
-        if not isinstance(metadata, dict) or not metadata.get("vms"):
+        metadata = self.session_metadata(session)
+        if not metadata.get("vms"):
             raise NotFound(f"session {session} holds no VM (a backup of volumes only?)")
         try:
             plan = plan_vm_stream(
