@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from qubes_backup_hub.safety.restore_channel import (
     DATA,
@@ -212,6 +213,8 @@ def main() -> None:
             send(out, DATA, data)
     send(out, END)
     out.flush()
+    if scenario == "linger":  # an honest stream, then the worker never ends
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -418,3 +418,17 @@ def test_data_only_failing_between_volumes_puts_every_volume_back(world: World) 
     assert platform.imports == 2
     assert snapshot_of(world.platform.root) == before
     assert sorted(world.vm_names()) == sorted(ORIGINAL_VMS)
+
+
+def test_a_worker_that_never_ends_after_its_stream_is_stopped(
+    world: World, restored: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that sends a whole, honest stream and then stays: dom0 stops it after a while
+    (the restore is done) rather than fail the finished restore with a timeout, which skipped
+    releasing what --replace held."""
+    from qubes_backup_hub.jobs import restore as restore_job
+
+    monkeypatch.setattr(restore_job, "WORKER_EXIT_WAIT", 1)
+    restored.append("linger")
+    result = world.restore("linger")
+    assert result["vms"] == ["linger"] and "linger" in world.vm_names()

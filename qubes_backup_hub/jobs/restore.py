@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
@@ -69,6 +70,7 @@ from .replace_guard import HeldVM, RecoveryError, bring_back, hold_vms, put_back
 WORKER_SERVICE = "qbhub.RestoreWorker"
 READ_OPS = {OP[name]: name for name in ("get", "range", "list", "root_get", "exists")}
 MAX_STORE_REPLY = 80 << 20
+WORKER_EXIT_WAIT = 60  # seconds a restore worker gets to end after its stream; then killed
 FROM_WORKER = {QUERY: MAX_QUERY, HEADER: MAX_HEADER, DATA: MAX_DATA_FRAME, END: 0, FAIL: MAX_FAIL}
 
 
@@ -118,7 +120,10 @@ class WorkerChannel:
         self.process.kill()
 
     def close(self) -> None:
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=WORKER_EXIT_WAIT)
+        except subprocess.TimeoutExpired:  # its stream ended (or failed): nothing more is wanted
+            self.process.kill()
 
     def start(self, job: dict[str, Any]) -> None:
         send(self.process.stdin, JOB, json.dumps(job).encode())
