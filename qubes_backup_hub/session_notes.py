@@ -18,6 +18,7 @@ from .safety.text import shown
 TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}")
 MAX_COMMENT = 1000
 MAX_TAGS = 32
+MAX_VMS = 1000  # VM names listed per session (a Qubes system has tens)
 
 
 def make_notes(comment: str | None, tags: list[str]) -> dict[str, Any]:
@@ -58,5 +59,5 @@ def summary(metadata: object) -> dict[str, Any]:
     vms = metadata.get("vms")
     if isinstance(vms, list):
         names = [vm.get("name") for vm in vms if isinstance(vm, dict)]
-        out["vms"] = [shown(n, 64) for n in names if isinstance(n, str)]
+        out["vms"] = [shown(n, 64) for n in names[:MAX_VMS] if isinstance(n, str)]
     return out

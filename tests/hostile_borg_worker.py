@@ -13,6 +13,7 @@ from typing import BinaryIO
 from qbhub_borg.protocol import (
     DATA,
     END,
+    FAIL,
     HEADER,
     JOB,
     LISTING,
@@ -29,6 +30,10 @@ SESSION = "20260101T000000Z"
 
 def vm_restore(lie: str, out: BinaryIO) -> int:
     """A VM-level restore (op restore_vms) that lies the way the one VM asked for is named."""
+    if lie == "damaged":  # what the real worker says of a settings document it can't read
+        send(out, FAIL, b"Damaged: session 20260101T000000Z's settings document is not JSON")
+        out.flush()
+        return 1
     vm: dict[str, object] = {
         "name": "evil" if lie == "othervm" else lie,
         "class": "AppVM",

@@ -345,6 +345,7 @@ def hostile_borg_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple
         ("longer", "more bytes than its header declared"),
         ("shorter", "shorter than its header declared"),
         ("flood", "frame \\(limit"),
+        ("damaged", "settings document is not JSON"),
     ],
 )
 def test_hostile_worker_vm_restore_is_refused(
@@ -364,7 +365,7 @@ def test_hostile_worker_vm_restore_is_refused(
     platform = LocalPlatform(tmp_path / "platform")
     platform.create_vm(VMSettings("fedora", "TemplateVM", properties={"label": "black"}), size=4096)
     before = sorted(str(p) for p in (tmp_path / "platform").rglob("*") if "logs" not in p.parts)
-    with pytest.raises(QbhubError, match=refusal):
+    with pytest.raises(QbhubError, match=refusal) as caught:
         restore_vms(
             platform,
             LocalDirStore(archive),
@@ -372,6 +373,8 @@ def test_hostile_worker_vm_restore_is_refused(
             BorgEngine(context),  # type: ignore[arg-type]
             RestoreRequest(vms=[lie], engine="borg"),
         )
+    if lie == "damaged":  # exit 3, like a damaged native session
+        assert isinstance(caught.value, IntegrityError)
     assert [vm.name for vm in platform.list_vms()] == ["dom0", "fedora"]
     after = sorted(str(p) for p in (tmp_path / "platform").rglob("*") if "logs" not in p.parts)
     assert after == before

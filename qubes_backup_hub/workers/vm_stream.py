@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import QbhubError
+from ..errors import NotFoundError, QbhubError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def select_vms(metadata: dict[str, Any], wanted: list[str]) -> list[dict[str, An
     by_name = {vm.get("name"): vm for vm in vms if isinstance(vm, dict)}
     missing = [name for name in wanted if name not in by_name]
     if missing:
-        raise QbhubError(f"no VM named {', '.join(missing)} in this session")
+        raise NotFoundError(f"no VM named {', '.join(missing)} in this session")
     return [by_name[name] for name in wanted] if wanted else list(by_name.values())
 
 

@@ -24,7 +24,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from qubes_backup_hub.errors import NotFoundError, PassphraseError, StoreError, UsageError
+from qubes_backup_hub.errors import (
+    IntegrityError,
+    NotFoundError,
+    PassphraseError,
+    StoreError,
+    UsageError,
+)
 from qubes_backup_hub.platform.local.sandbox import Sandbox, SandboxSpec, import_roots
 from qubes_backup_hub.safety.restore_channel import receive, send
 
@@ -250,5 +256,7 @@ class WorkerSession:
                 raise PassphraseError(shown.partition(": ")[2][:300])
             if shown.startswith("NotFound:"):
                 raise NotFoundError(shown.partition(": ")[2][:300])
+            if shown.startswith("Damaged:"):
+                raise IntegrityError(f"borg worker: {shown.partition(': ')[2][:300]}")
             raise WorkerFailed(f"borg worker: {shown[:300] or 'failed'}")
         return kind, payload

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from qubes_backup_hub.errors import QbhubError
+from qubes_backup_hub.errors import NotFoundError, QbhubError
 from qubes_backup_hub.safety.names import SESSION_ID, VOLUME_NAME
 from qubes_backup_hub.safety.restore_channel import receive, send
 from qubes_backup_hub.workers.vm_stream import plan_vm_stream
@@ -61,6 +61,10 @@ class BadPassphrase(WorkerError):
 
 class NotFound(WorkerError):
     """The session lacks what was asked for (dom0 reports it as "not found", exit 7)."""
+
+
+class Damaged(WorkerError):
+    """What borg extracted is not what qbhub stored (dom0 reports an integrity error, exit 3)."""
 
 
 def encode_comment(
@@ -282,7 +286,7 @@ class Job:
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise WorkerError(f"session {session}'s settings document is not JSON") from None
+            raise Damaged(f"session {session}'s settings document is not JSON") from None
         metadata = doc.get("metadata") if isinstance(doc, dict) else None
         return metadata if isinstance(metadata, dict) else {}
 
@@ -303,8 +307,10 @@ class Job:
                 [str(v) for v in self.job.get("vms", [])],
                 settings_only=bool(self.job.get("settings_only")),
             )
-        except QbhubError as exc:
+        except NotFoundError as exc:
             raise NotFound(str(exc)) from None
+        except QbhubError as exc:
+            raise Damaged(str(exc)) from None
         self.send(HEADER, json.dumps(plan.header).encode())
         for name in plan.archive_names:
             self.stream_file(session, name)
