@@ -61,7 +61,7 @@ def test_volumes_scanned_whole_are_announced_with_the_reason(
     result = backup_vms(
         FakePlatform(),  # type: ignore[arg-type]
         FakeEngine(),  # type: ignore[arg-type]
-        object(),  # type: ignore[arg-type]
+        SimpleNamespace(url="fake:///archive"),  # type: ignore[arg-type]  (only logged)
         hook,  # type: ignore[arg-type]
         ["work", "mail"],
         notice=None if to_stderr else lines.append,
