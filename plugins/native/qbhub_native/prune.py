@@ -194,10 +194,7 @@ def _prune_on_disk(
             store_part()
         writer.close()
         indexes.extend(writer.write_index())
-        old_indexes = [n for n, _ in repo.body.indexes]
-        repo.body.sessions = remaining
-        repo.body.indexes = indexes
-        repo.commit()
+        old_indexes = commit_pruned_root(repo, remaining, indexes)
         committed = True
     finally:
         writer.abandon()  # after close(): only releases the runs the writer set aside
@@ -252,6 +249,18 @@ class Referenced(Container[str]):
         if name in self.indexes or name in self.packs:
             return True
         return self.cache is not None and self.cache.has_pack(name)
+
+
+def commit_pruned_root(
+    repo: Repository, remaining: list[SessionRef], indexes: list[tuple[str, int]]
+) -> list[str]:
+    """Step (2): the new root lists the sessions kept and only the new index objects; return
+    the names of the index objects the old root listed (removed in step 3 if unreferenced)."""
+    old_indexes = [n for n, _ in repo.body.indexes]
+    repo.body.sessions = remaining
+    repo.body.indexes = indexes
+    repo.commit()
+    return old_indexes
 
 
 def live_blobs(
@@ -321,10 +330,7 @@ def _prune_in_memory(
                     PackTable(name, b"".join(encode_entry(e) for e in part[name]))
                     for name in sorted(part)
                 ]
-        old_indexes = [n for n, _ in repo.body.indexes]
-        repo.body.sessions = remaining
-        repo.body.indexes = indexes
-        repo.commit()
+        old_indexes = commit_pruned_root(repo, remaining, indexes)
         committed = True
     finally:
         if not committed:
