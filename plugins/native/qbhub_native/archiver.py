@@ -67,10 +67,9 @@ def check_index_objects(repo: Repository, listing: dict[str, int]) -> None:
     held; a backup must not commit on top of an index storage lost, so such an object is read,
     and the read fails as it would without the cache (not found, or refused by its size).
     """
-    most = 1 + repo.sealer.overhead  # a stored index object: raw length + framing + sealing
     for name, raw_length in repo.body.indexes:
         size = listing.get(name)
-        if size is None or size > raw_length + most:
+        if size is None or size > repo.index_object_bounds(raw_length)[1]:
             repo.index_object_tables(name, raw_length)
 
 

@@ -487,13 +487,20 @@ class Repository:
         for table in self.index_object_tables(name, raw_length):
             into.add_table(table)
 
+    def index_object_bounds(self, raw_length: int) -> tuple[int, int]:
+        """The smallest and largest stored size of an index object of `raw_length` listed
+        raw bytes: a sealed empty blob, and the raw form + framing byte + sealing overhead
+        (index objects are stored uncompressed; older ones may be compressed, so smaller)."""
+        framing = 1 + self.sealer.overhead
+        return framing, raw_length + framing
+
     def index_object_tables(self, name: str, raw_length: int) -> list[PackTable]:
         """Read, authenticate and decode index object `name` into its pack tables."""
         if not name.startswith("i") or len(name) != 65 or raw_length > MAX_INDEX_OBJECT:
             raise IntegrityError(f"the root lists a malformed index object {name!r}")
         index_id = bytes.fromhex(name[1:])
         # A sealed index is never longer than its raw form + flag byte + sealing overhead.
-        sealed = self.store.get(name, raw_length + 1 + self.sealer.overhead)
+        sealed = self.store.get(name, self.index_object_bounds(raw_length)[1])
         plain = self.codec.decode(BlobType.INDEX, index_id, sealed, raw_length)
         return decode_index(plain)
 

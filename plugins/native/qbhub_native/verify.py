@@ -365,12 +365,12 @@ def _check_index_objects(
     """
     if isinstance(repo, TolerantRepository):
         return
-    most = 1 + repo.sealer.overhead  # a stored index object: raw length + framing + sealing
     for name, raw_length in repo.body.indexes:
         size = sizes.get(name)
+        least, most = repo.index_object_bounds(raw_length)
         if size is None:
             problem = "is missing"
-        elif size > raw_length + most or size < most:
+        elif not least <= size <= most:
             problem = f"has an impossible size ({size} bytes for {raw_length} listed)"
         elif quick:
             continue
