@@ -53,7 +53,7 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import CacheDropper, StepResult, run_measured
+from measure import CacheDropper, StepResult, qbhub_argv, require_ok, run_measured
 
 PASSPHRASE = "bench-scale passphrase"
 CHUNK = 4096
@@ -124,11 +124,6 @@ def build(archive: Path, home: Path, chunks: int, tag: int) -> None:
     engine.backup(store, [VolumeSource(name=f"bulk-{tag}", path=f"generated:{tag}")])
 
 
-def qbhub_argv() -> list[str]:
-    beside = Path(sys.executable).parent / "qbhub"
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "qubes_backup_hub"]
-
-
 class Bench:
     """One archive grown through the sizes, with every step measured at each."""
 
@@ -159,10 +154,7 @@ class Bench:
             time.sleep(20)
             self.dropper.drop()
             result = run_measured("native", name, argv, self.env, self.log)
-        if not result.ok:
-            tail = self.log.read_text(errors="replace").splitlines()[-15:]
-            raise SystemExit(f"step {name} failed ({result.returncode}):\n" + "\n".join(tail))
-        return result
+        return require_ok(name, result, self.log)
 
     def setup(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import StepResult, dir_usage, run_measured
+from measure import StepResult, dir_usage, qbhub_argv, require_ok, run_measured
 
 PASSPHRASE = "bench-sessions passphrase"
 CHUNK = 4096
@@ -156,11 +156,6 @@ def build(archive: Path, home: Path, small: Path, first: int, last: int) -> None
         previous = str(result["session"])
 
 
-def qbhub_argv() -> list[str]:
-    beside = Path(sys.executable).parent / "qbhub"
-    return [str(beside)] if beside.exists() else [sys.executable, "-m", "qubes_backup_hub"]
-
-
 def root_facts(archive: Path) -> tuple[int, int]:
     """(root object bytes, index objects in the archive directory)."""
     root = archive / "root"
@@ -187,10 +182,7 @@ class Bench:
 
     def step(self, name: str, argv: list[str]) -> StepResult:
         result = run_measured("native", name, argv, self.env, self.log)
-        if not result.ok:
-            tail = self.log.read_text(errors="replace").splitlines()[-15:]
-            raise SystemExit(f"step {name} failed ({result.returncode}):\n" + "\n".join(tail))
-        return result
+        return require_ok(name, result, self.log)
 
     def setup(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)

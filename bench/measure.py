@@ -244,3 +244,17 @@ def log_tail(path: str, lines: int = 15) -> str:
             return "".join(f.readlines()[-lines:])
     except OSError:
         return ""
+
+
+def qbhub_argv() -> list[str]:
+    """The qbhub command of this interpreter's environment (the venv's script, else -m)."""
+    beside = Path(sys.executable).parent / "qbhub"
+    return [str(beside)] if beside.exists() else [sys.executable, "-m", "qubes_backup_hub"]
+
+
+def require_ok(name: str, result: StepResult, log: Path) -> StepResult:
+    """`result` if the step succeeded; else stop the benchmark with the log's last lines."""
+    if not result.ok:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit(f"step {name} failed ({result.returncode}):\n" + "\n".join(tail))
+    return result
