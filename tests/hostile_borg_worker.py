@@ -89,6 +89,15 @@ def main() -> int:
         send(out, RESULT, json.dumps({"ok": False, "problems": problems}).encode())
         out.flush()
         return 0
+    if job.get("op") == "settings":  # VM documents with terminal escapes, or of wrong types
+        vms: object = 7 if job["passphrase"] == "types" else [
+            {"name": "\x1b[2Jwork", "class": "AppVM\x07",
+             "settings": {"properties": {"label\x1b[1m": "red\x1b[0m"}, "tags": 3}},
+            "not a document",
+        ]  # fmt: skip
+        send(out, RESULT, json.dumps({"session": "\x1b[2J", "vms": vms}).encode())
+        out.flush()
+        return 0
     if job.get("op") == "restore_vms":
         return vm_restore(str(job["vms"][0]), out)
     lie = job["volume"]

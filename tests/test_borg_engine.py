@@ -510,6 +510,30 @@ def test_hostile_worker_listing_prints_safely(
 
 @needs_borg
 @pytest.mark.parametrize("lie", ["escapes", "types"])
+def test_hostile_worker_settings_print_safely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str
+) -> None:
+    """`list --settings` of a Borg archive shows the VM documents the worker relays: escapes are
+    shown escaped, documents of the wrong type are left out, the session shown is the one dom0
+    named (not the worker's), and nothing raises."""
+    from qbhub_borg.engine import BorgEngine
+
+    from qubes_backup_hub.cli.format import settings_text
+    from qubes_backup_hub.passphrase import PassphraseSource
+    from qubes_backup_hub.store.local import LocalDirStore
+
+    archive, context = hostile_borg_setup(tmp_path, monkeypatch)
+    context = dataclasses.replace(context, passphrase=PassphraseSource(value=lie.encode()))  # type: ignore[type-var]
+    shown = BorgEngine(context).session_settings(LocalDirStore(archive), None)  # type: ignore[arg-type]
+    assert shown["session"] == "20260101T000000Z"
+    text = settings_text(shown)
+    assert all(line.isprintable() for line in text.splitlines()), text
+    if lie == "types":
+        assert shown["vms"] == []
+
+
+@needs_borg
+@pytest.mark.parametrize("lie", ["escapes", "types"])
 def test_hostile_worker_verify_failure_prints_safely(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lie: str
 ) -> None:
